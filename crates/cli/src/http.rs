@@ -1,0 +1,193 @@
+//! A minimal HTTP/1.1 layer over unix sockets for the per-VM control API:
+//! one request per connection, JSON bodies, bounded sizes, and errors that
+//! come back as JSON with a 4xx status instead of a dropped connection.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Largest request head plus body the server accepts.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// A parsed request.
+#[derive(Debug)]
+pub struct Request {
+    /// HTTP method.
+    pub method: String,
+    /// Path without query.
+    pub path: String,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+/// A response about to be sent.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// JSON body (empty for 204).
+    pub body: String,
+}
+
+impl Response {
+    /// A JSON response.
+    pub fn json(status: u16, value: &serde_json::Value) -> Self {
+        Response { status, body: value.to_string() }
+    }
+
+    /// An error response with `{"error": ..}`.
+    pub fn error(status: u16, msg: impl std::fmt::Display) -> Self {
+        Response::json(status, &serde_json::json!({ "error": msg.to_string(), "status": status }))
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        202 => "Accepted",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Payload Too Large",
+        500 => "Internal Server Error",
+        _ => "Status",
+    }
+}
+
+/// Reads one request; `Err(Response)` is the error to send back.
+pub fn read_request(stream: &mut UnixStream) -> Result<Request, Response> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let head_len = loop {
+        let n = stream.read(&mut chunk).map_err(|e| Response::error(400, format!("reading request: {e}")))?;
+        if n == 0 {
+            return Err(Response::error(400, "connection closed before a complete request head"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_REQUEST {
+            return Err(Response::error(413, format!("request larger than {MAX_REQUEST} bytes")));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => break len,
+            Ok(httparse::Status::Partial) => continue,
+            Err(e) => return Err(Response::error(400, format!("malformed HTTP request: {e}"))),
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(&buf).map_err(|e| Response::error(400, format!("malformed HTTP request: {e}")))?;
+    let method = req.method.unwrap_or("").to_string();
+    let target = req.path.unwrap_or("/").to_string();
+    let mut content_length = 0usize;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            content_length = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| Response::error(400, "invalid Content-Length header"))?;
+        }
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(Response::error(400, "chunked transfer encoding is not supported; send Content-Length"));
+        }
+    }
+    if head_len + content_length > MAX_REQUEST {
+        return Err(Response::error(
+            413,
+            format!("request body of {content_length} bytes is larger than {MAX_REQUEST}"),
+        ));
+    }
+    let mut body = buf[head_len..].to_vec();
+    while body.len() < content_length {
+        let n = stream.read(&mut chunk).map_err(|e| Response::error(400, format!("reading body: {e}")))?;
+        if n == 0 {
+            return Err(Response::error(400, format!("body ended after {} of {content_length} bytes", body.len())));
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(content_length);
+    // Queries are not part of the API; ignore them rather than 404.
+    let path = target.split('?').next().unwrap_or("/").to_string();
+    Ok(Request { method, path, body })
+}
+
+/// Writes a response and closes the exchange.
+pub fn write_response(stream: &mut UnixStream, r: &Response) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        r.status,
+        reason(r.status),
+        r.body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(r.body.as_bytes())?;
+    stream.flush()
+}
+
+/// Errors talking to a VM's API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached.
+    #[error("cannot connect to API socket {path}: {source} (is `ferry run --api-sock {path}` running?)")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The exchange failed midway.
+    #[error("API request failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The reply was not HTTP.
+    #[error("malformed API response: {0}")]
+    Malformed(String),
+    /// The server answered with an error status.
+    #[error("API error {status}: {message}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// The server's error text.
+        message: String,
+    },
+}
+
+/// Sends one request to the API socket and returns the JSON body (Null for 204).
+pub fn request(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<serde_json::Value, ClientError> {
+    let mut s =
+        UnixStream::connect(sock).map_err(|e| ClientError::Connect { path: sock.display().to_string(), source: e })?;
+    s.set_read_timeout(Some(timeout))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes())?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(&out) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err(ClientError::Malformed("truncated response head".into())),
+        Err(e) => return Err(ClientError::Malformed(e.to_string())),
+    };
+    let status = resp.code.unwrap_or(0);
+    let text = &out[head_len..];
+    let value: serde_json::Value = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(text).map_err(|e| ClientError::Malformed(format!("body is not JSON: {e}")))?
+    };
+    if status >= 400 {
+        let message = value.get("error").and_then(|e| e.as_str()).unwrap_or("").to_string();
+        return Err(ClientError::Status { status, message });
+    }
+    Ok(value)
+}

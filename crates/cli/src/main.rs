@@ -1,0 +1,257 @@
+//! `ferry`: a thin command line over the ferry library crates.
+
+mod api;
+mod bench;
+mod http;
+mod size;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ferry_vmm::{CpuTemplate, KernelSource, Vm, VmConfig};
+
+/// The name `--kernel` accepts for the embedded test guest.
+pub const BUILTIN_TEST_GUEST: &str = "builtin:test";
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "A KVM virtual machine monitor built around the memory state of a VM")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM and run it until the guest stops.
+    Run(RunArgs),
+    /// Pause a running VM.
+    Pause(SockArgs),
+    /// Resume a paused VM.
+    Resume(SockArgs),
+    /// Print a VM's state and configuration as JSON.
+    Status(SockArgs),
+    /// Ask the guest to shut down (Ctrl-Alt-Del), stopping it after a timeout.
+    Shutdown(ShutdownArgs),
+    /// Print the BLAKE3 digest of a VM's memory (taken while paused).
+    Digest(SockArgs),
+    /// Send text to the guest's serial console.
+    Console(ConsoleArgs),
+    /// The embedded test guest.
+    Guest {
+        #[command(subcommand)]
+        cmd: GuestCmd,
+    },
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum GuestCmd {
+    /// Write the test guest's PVH ELF, for other VMMs to boot.
+    Export {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Options of `ferry run`.
+#[derive(Args, Clone)]
+pub struct RunArgs {
+    /// Kernel: a PVH ELF, a Linux bzImage, or `builtin:test`.
+    #[arg(long)]
+    pub kernel: String,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Guest memory: a number of MiB, or with a unit (512M, 1G, 2GiB).
+    #[arg(long, default_value = "256M", value_parser = size::parse_mem)]
+    pub mem: u64,
+    /// Number of vCPUs (1..=32).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// CPU template: host (all KVM supports) or minimal (hides CX16, XSAVE, AVX, PCID).
+    #[arg(long, default_value = "host")]
+    pub cpu_template: CpuTemplate,
+    /// Serial port: stdio, file:PATH, unix:PATH (connect to a listening socket) or none.
+    #[arg(long, default_value = "stdio")]
+    pub serial: String,
+    /// Control API socket (HTTP/JSON).
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+    /// Write boot timings and memory figures as JSON here when the VM stops.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SockArgs {
+    /// The VM's API socket.
+    #[arg(long)]
+    api_sock: PathBuf,
+}
+
+#[derive(Args)]
+struct ShutdownArgs {
+    /// The VM's API socket.
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// Milliseconds the guest gets before it is stopped.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct ConsoleArgs {
+    /// The VM's API socket.
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// Text to send; a newline is appended.
+    text: String,
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    match dispatch(cli, start) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
+    let api = |sock: &Path, method: &str, path: &str, body: Option<serde_json::Value>| -> Result<serde_json::Value> {
+        Ok(http::request(sock, method, path, body.as_ref(), Duration::from_secs(120))?)
+    };
+    match cli.cmd {
+        Command::Run(args) => run(args, start),
+        Command::Pause(a) => print_json(api(&a.api_sock, "PUT", "/vm/pause", None)?),
+        Command::Resume(a) => print_json(api(&a.api_sock, "PUT", "/vm/resume", None)?),
+        Command::Status(a) => print_json(api(&a.api_sock, "GET", "/vm", None)?),
+        Command::Digest(a) => print_json(api(&a.api_sock, "GET", "/vm/memory-digest", None)?),
+        Command::Shutdown(a) => print_json(api(
+            &a.api_sock,
+            "PUT",
+            "/vm/shutdown",
+            Some(serde_json::json!({ "timeout_ms": a.timeout_ms })),
+        )?),
+        Command::Console(a) => print_json(api(
+            &a.api_sock,
+            "PUT",
+            "/vm/console",
+            Some(serde_json::json!({ "input": format!("{}\n", a.text) })),
+        )?),
+        Command::Guest { cmd: GuestCmd::Export { out } } => {
+            std::fs::write(&out, ferry_guest::ELF).with_context(|| format!("writing {}", out.display()))?;
+            eprintln!("ferry: wrote the test guest ({} bytes, PVH ELF) to {}", ferry_guest::ELF.len(), out.display());
+            Ok(0)
+        }
+        Command::Bench { cmd } => bench::run(cmd),
+    }
+}
+
+fn print_json(v: serde_json::Value) -> Result<u8> {
+    if !v.is_null() {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(0)
+}
+
+/// Resolves `--kernel`.
+pub fn kernel_source(kernel: &str) -> Result<KernelSource> {
+    if let Some(name) = kernel.strip_prefix("builtin:") {
+        if name != "test" {
+            bail!("unknown built-in kernel {kernel:?}; the only one is {BUILTIN_TEST_GUEST}");
+        }
+        return Ok(KernelSource::Bytes(BUILTIN_TEST_GUEST, ferry_guest::ELF));
+    }
+    Ok(KernelSource::Path(PathBuf::from(kernel)))
+}
+
+/// The guest's serial output and, where there is one, its input.
+type SerialEnds = (Box<dyn Write + Send>, Option<Box<dyn Read + Send>>);
+
+fn serial_sink(spec: &str) -> Result<SerialEnds> {
+    if spec == "stdio" {
+        return Ok((Box::new(std::io::stdout()), Some(Box::new(std::io::stdin()))));
+    }
+    if spec == "none" {
+        return Ok((Box::new(std::io::sink()), None));
+    }
+    if let Some(p) = spec.strip_prefix("file:") {
+        let f = std::fs::File::create(p).with_context(|| format!("creating serial output file {p}"))?;
+        return Ok((Box::new(f), None));
+    }
+    if let Some(p) = spec.strip_prefix("unix:") {
+        let s = std::os::unix::net::UnixStream::connect(p)
+            .with_context(|| format!("connecting serial to unix socket {p}"))?;
+        let r = s.try_clone()?;
+        return Ok((Box::new(s), Some(Box::new(r))));
+    }
+    bail!("invalid --serial {spec:?}: expected stdio, none, file:PATH or unix:PATH")
+}
+
+fn run(args: RunArgs, start: Instant) -> Result<u8> {
+    let kernel = kernel_source(&args.kernel)?;
+    let (out, input) = serial_sink(&args.serial)?;
+    // Bind the API socket before booting so a taken path fails fast.
+    let api = match &args.api_sock {
+        Some(p) => Some(api::bind(p)?),
+        None => None,
+    };
+    let cfg = VmConfig {
+        mem_bytes: args.mem,
+        vcpus: args.vcpus,
+        kernel,
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        cpu_template: args.cpu_template,
+        serial_out: out,
+    };
+    let vm = Arc::new(Vm::boot(cfg, start)?);
+    let _server = api.map(|(listener, server)| {
+        api::serve(listener, vm.clone());
+        server
+    });
+    if let Some(mut input) = input {
+        let vm = vm.clone();
+        std::thread::Builder::new().name("serial-in".into()).spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = input.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut sent = 0;
+                while sent < n {
+                    let k = vm.bus().serial_input(&buf[sent..n]);
+                    sent += k;
+                    if k == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        })?;
+    }
+    let reason = vm.wait();
+    if let Some(path) = &args.report {
+        let report = bench::RunReport::collect(&vm, &reason);
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing report {}", path.display()))?;
+    }
+    eprintln!("ferry: {reason}");
+    Ok(reason.exit_code() as u8)
+}

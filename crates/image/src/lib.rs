@@ -1,0 +1,1 @@
+//! ferry-image: the memory image format (in progress).

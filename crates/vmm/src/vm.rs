@@ -1,0 +1,615 @@
+//! The virtual machine: creation, boot, vCPU threads, pause/resume,
+//! shutdown, and the questions a control API asks (status, memory digest).
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_fpu, kvm_pit_config, kvm_regs, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::boot::{self, BootConfig, KernelFormat, KernelSource};
+use crate::cpu::{self, CpuTemplate, EntryMode};
+use crate::devices::{PioBus, SerialOut, COM1_IRQ, I8042_IRQ};
+use crate::layout;
+use crate::memory::GuestRam;
+use crate::mptable::MAX_CPUS;
+use crate::state::{self as persist, VmState, VM_STATE_VERSION};
+use crate::vcpu::{self, Control, Want};
+use crate::Error;
+
+/// How to build a VM.
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Number of vCPUs (1..=32).
+    pub vcpus: u32,
+    /// Kernel to boot.
+    pub kernel: KernelSource,
+    /// Optional initrd.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// CPUID template.
+    pub cpu_template: CpuTemplate,
+    /// Serial output sink.
+    pub serial_out: SerialOut,
+}
+
+/// Why the guest stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The guest wrote an exit status to the exit port.
+    GuestExit {
+        /// The status byte.
+        status: u8,
+    },
+    /// The guest reset itself through the i8042.
+    GuestReset,
+    /// The host asked for a shutdown and the guest did not finish in time.
+    ShutdownForced,
+    /// The guest crashed or the hypervisor gave up on it.
+    Crash {
+        /// vCPU that stopped.
+        vcpu: u32,
+        /// What happened.
+        what: String,
+        /// Guest RIP at the time.
+        rip: u64,
+        /// Instruction bytes at RIP (up to 15), when readable.
+        insn: Vec<u8>,
+    },
+}
+
+impl ExitReason {
+    /// The process exit status ferry uses for this reason: the guest's own
+    /// status, 0 for a reset or forced shutdown, 125 for a crash.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::GuestExit { status } => *status as i32,
+            ExitReason::GuestReset | ExitReason::ShutdownForced => 0,
+            ExitReason::Crash { .. } => 125,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::GuestExit { status } => write!(f, "guest exited with status {status}"),
+            ExitReason::GuestReset => write!(f, "guest reset the machine (i8042)"),
+            ExitReason::ShutdownForced => write!(f, "guest did not shut down in time; stopped by the host"),
+            ExitReason::Crash { vcpu, what, rip, insn } => {
+                let bytes: Vec<String> = insn.iter().map(|b| format!("{b:02x}")).collect();
+                write!(f, "guest crashed on vCPU {vcpu}: {what}; RIP={rip:#x} instruction bytes [{}]", bytes.join(" "))
+            }
+        }
+    }
+}
+
+/// Timestamps of a boot, for `ferry bench boot`.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct BootTimes {
+    /// VM, memory and vCPUs created and the kernel loaded.
+    pub setup_done: Option<Duration>,
+    /// The boot vCPU entered `KVM_RUN` for the first time.
+    pub first_kvm_run: Option<Duration>,
+    /// The guest wrote the POST port (its first instruction, for the test guest).
+    pub first_guest_io: Option<Duration>,
+}
+
+/// A snapshot of what the VM is, for `GET /vm`.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmStatus {
+    /// running, paused or stopped.
+    pub state: &'static str,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// RAM ranges (guest-physical start, length).
+    pub ram_ranges: Vec<(u64, u64)>,
+    /// Kernel format booted (none for a restored VM).
+    pub kernel_format: Option<KernelFormat>,
+    /// Kernel name.
+    pub kernel: String,
+    /// Command line.
+    pub cmdline: String,
+    /// CPU template.
+    pub cpu_template: CpuTemplate,
+    /// TSC frequency in kHz as KVM reports it (0 if unknown).
+    pub tsc_khz: u32,
+    /// Why the VM stopped, once it has.
+    pub exit: Option<ExitReason>,
+}
+
+/// A running (or paused, or stopped) VM.
+pub struct Vm {
+    vm_fd: Arc<VmFd>,
+    ram: Arc<GuestRam>,
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    ctl: Arc<Control>,
+    bus: Arc<PioBus>,
+    status: VmStatus,
+    created: Instant,
+    boot_times: Mutex<BootTimes>,
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { op, source }
+}
+
+/// Opens /dev/kvm with an error that says what to do.
+pub fn open_kvm() -> Result<Kvm, Error> {
+    Kvm::new().map_err(|e| {
+        let source = std::io::Error::from_raw_os_error(e.errno());
+        let hint = match e.errno() {
+            libc::ENOENT => " (KVM is not available: enable virtualisation or load kvm_intel/kvm_amd)",
+            libc::EACCES | libc::EPERM => " (permission denied: run as root or add your user to the kvm group)",
+            _ => "",
+        };
+        Error::KvmOpen { source, hint }
+    })
+}
+
+impl Vm {
+    /// Creates the VM, loads the kernel and starts all vCPUs.
+    /// `process_start` anchors the boot timestamps.
+    pub fn boot(config: VmConfig, process_start: Instant) -> Result<Vm, Error> {
+        let parts = Parts::new(config.mem_bytes, config.vcpus)?;
+        let entry = boot::load(
+            &parts.ram,
+            &BootConfig {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &config.cmdline,
+                vcpus: config.vcpus,
+            },
+        )?;
+        let kernel = match &config.kernel {
+            KernelSource::Path(p) => p.display().to_string(),
+            KernelSource::Bytes(n, _) => n.to_string(),
+        };
+        let vm = parts.finish(
+            config.vcpus,
+            config.cpu_template,
+            0,
+            config.serial_out,
+            process_start,
+            Some(entry.format),
+            kernel,
+            config.cmdline,
+            |id, fd| {
+                if id == 0 {
+                    set_boot_regs(fd, entry.rip, entry.mode, entry.boot_info)?;
+                }
+                Ok(())
+            },
+        )?;
+        vm.start_threads()?;
+        Ok(vm)
+    }
+
+    /// Recreates a VM from a saved state. `fill` writes guest memory before
+    /// any vCPU exists; the vCPUs start paused when `paused` is set.
+    pub fn restore(
+        state: &VmState,
+        serial_out: SerialOut,
+        paused: bool,
+        process_start: Instant,
+        source: String,
+        fill: impl FnOnce(&GuestRam) -> Result<(), Error>,
+    ) -> Result<Vm, Error> {
+        if state.version != VM_STATE_VERSION {
+            return Err(Error::BadState(format!(
+                "VM state version {} is not supported (this ferry reads version {VM_STATE_VERSION})",
+                state.version
+            )));
+        }
+        let count = state.vcpus.len() as u32;
+        let parts = Parts::new(state.mem_bytes, count)?;
+        fill(&parts.ram)?;
+        let vm = parts.finish(
+            count,
+            state.cpu_template,
+            state.tsc_khz,
+            serial_out,
+            process_start,
+            None,
+            source,
+            state.cmdline.clone(),
+            |id, fd| {
+                let s =
+                    state.vcpus.get(id as usize).ok_or_else(|| Error::BadState(format!("no state for vCPU {id}")))?;
+                persist::restore_vcpu(fd, s)
+            },
+        )?;
+        persist::restore_vm(&vm.vm_fd, &state.pit, &state.clock, &state.irqchips)?;
+        vm.bus.restore(&state.devices)?;
+        if paused {
+            let mut c = vm.ctl.inner.lock().unwrap();
+            c.want = Want::Pause;
+            vm.ctl.attention.store(true, Ordering::SeqCst);
+        }
+        vm.start_threads()?;
+        if paused {
+            vm.pause()?;
+        }
+        Ok(vm)
+    }
+
+    /// Captures vCPU, interrupt-controller, clock and device state. The VM
+    /// must be paused.
+    pub fn save_state(&self) -> Result<VmState, Error> {
+        {
+            let c = self.ctl.inner.lock().unwrap();
+            if c.want != Want::Pause || c.parked != c.running_threads {
+                return Err(Error::WrongState { state: "running", what: "pause it before saving its state" });
+            }
+        }
+        let kvm = open_kvm()?;
+        let mut vcpus = Vec::new();
+        let mut msr_list = None;
+        for (id, fd) in self.vcpus.iter().enumerate() {
+            let fd = fd.lock().unwrap();
+            if msr_list.is_none() {
+                msr_list = Some(persist::saveable_msrs(&kvm, &fd)?);
+            }
+            vcpus.push(persist::save_vcpu(id as u32, &fd, msr_list.as_deref().unwrap_or(&[]))?);
+        }
+        let (pit, clock, irqchips) = persist::save_vm(&self.vm_fd)?;
+        Ok(VmState {
+            version: VM_STATE_VERSION,
+            mem_bytes: self.status.mem_bytes,
+            cmdline: self.status.cmdline.clone(),
+            cpu_template: self.status.cpu_template,
+            tsc_khz: self.status.tsc_khz,
+            vcpus,
+            pit,
+            clock,
+            irqchips,
+            devices: self.bus.save(),
+        })
+    }
+
+    /// Turns KVM dirty-page logging on or off for all RAM slots.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), Error> {
+        for (slot, r) in self.ram.regions().iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                guest_phys_addr: r.gpa,
+                memory_size: r.len,
+                userspace_addr: r.host as u64,
+            };
+            // SAFETY: same mapping as registered at creation, still alive.
+            unsafe { self.vm_fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+
+    /// Fetches and clears the dirty bitmap of every RAM region (one bit per
+    /// page, in region order). Dirty logging must be on.
+    pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>, Error> {
+        self.ram
+            .regions()
+            .iter()
+            .enumerate()
+            .map(|(slot, r)| {
+                self.vm_fd.get_dirty_log(slot as u32, r.len as usize).map_err(kvm_err("KVM_GET_DIRTY_LOG"))
+            })
+            .collect()
+    }
+
+    fn start_threads(&self) -> Result<(), Error> {
+        vcpu::install_kick_handler()?;
+        let mut threads = self.threads.lock().unwrap();
+        for (i, fd) in self.vcpus.iter().enumerate() {
+            let (fd, ctl, bus, ram) = (fd.clone(), self.ctl.clone(), self.bus.clone(), self.ram.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu::run_vcpu(i as u32, fd, ctl, bus, ram))?;
+            threads.push(h);
+        }
+        Ok(())
+    }
+
+    fn kick_all(&self) {
+        for t in self.threads.lock().unwrap().iter() {
+            let _ = t.kill(vcpu::kick_signal());
+        }
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// The KVM VM handle (dirty log, irqchip state).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// The port bus (serial input, device state).
+    pub fn bus(&self) -> &PioBus {
+        &self.bus
+    }
+
+    /// Pauses every vCPU and waits until all are parked outside `KVM_RUN`.
+    pub fn pause(&self) -> Result<(), Error> {
+        {
+            let mut c = self.ctl.inner.lock().unwrap();
+            match c.want {
+                Want::Stop => return Err(Error::WrongState { state: "stopped", what: "cannot pause" }),
+                Want::Pause => return Ok(()),
+                Want::Run => {}
+            }
+            c.want = Want::Pause;
+            self.ctl.attention.store(true, Ordering::SeqCst);
+        }
+        loop {
+            self.kick_all();
+            let c = self.ctl.inner.lock().unwrap();
+            let (c, _) = self.ctl.cv.wait_timeout(c, Duration::from_millis(1)).unwrap();
+            if c.want == Want::Stop {
+                return Err(Error::WrongState { state: "stopped", what: "stopped while pausing" });
+            }
+            if c.parked == c.running_threads {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&self) -> Result<(), Error> {
+        let mut c = self.ctl.inner.lock().unwrap();
+        match c.want {
+            Want::Stop => return Err(Error::WrongState { state: "stopped", what: "cannot resume" }),
+            Want::Run => return Ok(()),
+            Want::Pause => {}
+        }
+        c.want = Want::Run;
+        self.ctl.attention.store(false, Ordering::SeqCst);
+        self.ctl.cv.notify_all();
+        Ok(())
+    }
+
+    /// True while paused.
+    pub fn is_paused(&self) -> bool {
+        self.ctl.inner.lock().unwrap().want == Want::Pause
+    }
+
+    /// Asks the guest to shut down (Ctrl-Alt-Del through the i8042); if it
+    /// has not stopped after `timeout`, stops it.
+    pub fn request_shutdown(self: &Arc<Self>, timeout: Duration) -> Result<(), Error> {
+        if self.is_paused() {
+            self.resume()?;
+        }
+        self.bus.ctrl_alt_del();
+        let me = Arc::downgrade(self);
+        std::thread::spawn(move || {
+            std::thread::sleep(timeout);
+            if let Some(vm) = me.upgrade() {
+                vm.stop(ExitReason::ShutdownForced);
+            }
+        });
+        Ok(())
+    }
+
+    /// Stops the VM at once with `reason` (ignored if it already stopped).
+    pub fn stop(&self, reason: ExitReason) {
+        self.ctl.finish(reason);
+        self.kick_all();
+    }
+
+    /// Blocks until the VM stops; joins vCPU threads and returns why.
+    pub fn wait(&self) -> ExitReason {
+        let reason = {
+            let mut c = self.ctl.inner.lock().unwrap();
+            while c.exit.is_none() {
+                c = self.ctl.cv.wait(c).unwrap();
+            }
+            c.exit.clone().unwrap()
+        };
+        self.kick_all();
+        loop {
+            let c = self.ctl.inner.lock().unwrap();
+            if c.running_threads == 0 {
+                break;
+            }
+            drop(self.ctl.cv.wait_timeout(c, Duration::from_millis(1)).unwrap());
+            self.kick_all();
+        }
+        for t in self.threads.lock().unwrap().drain(..) {
+            let _ = t.join();
+        }
+        self.bus.flush();
+        reason
+    }
+
+    /// Current status.
+    pub fn status(&self) -> VmStatus {
+        let mut s = self.status.clone();
+        let c = self.ctl.inner.lock().unwrap();
+        s.state = match (c.want, &c.exit) {
+            (_, Some(_)) | (Want::Stop, _) => "stopped",
+            (Want::Pause, _) => "paused",
+            (Want::Run, _) => "running",
+        };
+        s.exit = c.exit.clone();
+        s
+    }
+
+    /// BLAKE3 digest of guest memory; the VM must be paused so it is consistent.
+    pub fn memory_digest(&self) -> Result<blake3::Hash, Error> {
+        let c = self.ctl.inner.lock().unwrap();
+        if c.want != Want::Pause || c.parked != c.running_threads {
+            return Err(Error::WrongState {
+                state: if c.want == Want::Stop { "stopped" } else { "running" },
+                what: "pause it before taking a memory digest",
+            });
+        }
+        drop(c);
+        Ok(self.ram.digest())
+    }
+
+    /// Boot timestamps relative to process start.
+    pub fn boot_times(&self) -> BootTimes {
+        let mut t = *self.boot_times.lock().unwrap();
+        let c = self.ctl.inner.lock().unwrap();
+        t.first_kvm_run = c.first_run.map(|i| i.saturating_duration_since(self.created));
+        t.first_guest_io = self.bus.first_guest_io().map(|i| i.saturating_duration_since(self.created));
+        t
+    }
+}
+
+/// KVM objects and memory shared by boot and restore, before vCPU threads exist.
+struct Parts {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    ram: Arc<GuestRam>,
+}
+
+impl Parts {
+    fn new(mem_bytes: u64, vcpus: u32) -> Result<Parts, Error> {
+        if vcpus == 0 || vcpus > MAX_CPUS {
+            return Err(Error::InvalidVcpuCount { count: vcpus, max: MAX_CPUS });
+        }
+        let kvm = open_kvm()?;
+        let ram = Arc::new(GuestRam::new(mem_bytes)?);
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm_fd.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        for (slot, r) in ram.regions().iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.gpa,
+                memory_size: r.len,
+                userspace_addr: r.host as u64,
+            };
+            // SAFETY: the mapping outlives the VM (both owned by Vm).
+            unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(Parts { kvm, vm_fd, ram })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        self,
+        count: u32,
+        template: CpuTemplate,
+        want_tsc_khz: u32,
+        serial_out: SerialOut,
+        process_start: Instant,
+        format: Option<KernelFormat>,
+        kernel: String,
+        cmdline: String,
+        per_vcpu: impl Fn(u32, &VcpuFd) -> Result<(), Error>,
+    ) -> Result<Vm, Error> {
+        let Parts { kvm, vm_fd, ram } = self;
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
+        let kbd_irq = EventFd::new(libc::EFD_NONBLOCK)?;
+        vm_fd.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
+        vm_fd.register_irqfd(&kbd_irq, I8042_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
+        let bus = Arc::new(PioBus::new(serial_out, serial_irq, kbd_irq));
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        let mut tsc_khz = want_tsc_khz;
+        for id in 0..count {
+            let fd = vm_fd.create_vcpu(id as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let host_khz = fd.get_tsc_khz().unwrap_or(0);
+            if tsc_khz == 0 {
+                tsc_khz = host_khz;
+            } else if host_khz != tsc_khz {
+                // A restored guest keeps the TSC rate it booted with.
+                let _ = fd.set_tsc_khz(tsc_khz);
+            }
+            configure_vcpu(&fd, id, count, tsc_khz, template, &supported)?;
+            per_vcpu(id, &fd)?;
+            vcpus.push(Arc::new(Mutex::new(fd)));
+        }
+        let status = VmStatus {
+            state: "running",
+            vcpus: count,
+            mem_bytes: ram.size(),
+            ram_ranges: ram.regions().iter().map(|r| (r.gpa, r.len)).collect(),
+            kernel_format: format,
+            kernel,
+            cmdline,
+            cpu_template: template,
+            tsc_khz,
+            exit: None,
+        };
+        Ok(Vm {
+            vm_fd: Arc::new(vm_fd),
+            ram,
+            ctl: Arc::new(Control::new(count)),
+            vcpus,
+            threads: Mutex::new(Vec::new()),
+            bus,
+            status,
+            created: process_start,
+            boot_times: Mutex::new(BootTimes { setup_done: Some(process_start.elapsed()), ..Default::default() }),
+        })
+    }
+}
+
+fn configure_vcpu(
+    fd: &VcpuFd,
+    id: u32,
+    count: u32,
+    tsc_khz: u32,
+    template: CpuTemplate,
+    supported: &kvm_bindings::CpuId,
+) -> Result<(), Error> {
+    let mut entries = supported.as_slice().to_vec();
+    cpu::patch_cpuid(&mut entries, id, count, tsc_khz, template);
+    let cpuid =
+        kvm_bindings::CpuId::from_entries(&entries).map_err(|_| Error::BadState("too many CPUID entries".into()))?;
+    fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    let msrs = cpu::boot_msrs();
+    let m = Msrs::from_entries(&msrs).map_err(|_| Error::BadState("too many MSRs".into()))?;
+    let n = fd.set_msrs(&m).map_err(kvm_err("KVM_SET_MSRS"))?;
+    if n != msrs.len() {
+        return Err(Error::BadState(format!(
+            "KVM accepted only {n} of {} boot MSRs; first refused: {:#x}",
+            msrs.len(),
+            msrs[n].index
+        )));
+    }
+    let mut lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+    cpu::setup_lint(&mut lapic);
+    fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+    Ok(())
+}
+
+fn set_boot_regs(fd: &VcpuFd, rip: u64, mode: EntryMode, boot_info: u64) -> Result<(), Error> {
+    let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    cpu::setup_sregs(&mut sregs, mode);
+    fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    let mut regs =
+        kvm_regs { rip, rflags: 0x2, rsp: layout::BOOT_STACK_ADDR, rbp: layout::BOOT_STACK_ADDR, ..Default::default() };
+    match mode {
+        EntryMode::Protected32 => regs.rbx = boot_info,
+        EntryMode::Long64 => regs.rsi = boot_info,
+    }
+    fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    Ok(())
+}
