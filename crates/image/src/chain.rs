@@ -1,0 +1,171 @@
+//! `ImageChain`: an incremental image and its ancestors, read as one memory.
+//!
+//! Each child records its parent's root hash and a path hint; opening a chain
+//! follows the hints and refuses any parent whose root hash differs, so a
+//! child can never be applied on top of the wrong base.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::crypto::UserKey;
+use crate::error::{Error, Result};
+use crate::export::{CpuRegs, MemorySource};
+use crate::hash::Hash32;
+use crate::header::RamRange;
+use crate::pagemap::{fill, PageMap};
+use crate::reader::{check_in_ram, ImageReader, RunData, VerifyReport};
+
+/// Longest chain followed before assuming a cycle of parent hints.
+pub const MAX_CHAIN_LEN: usize = 256;
+
+/// A full image followed by zero or more incremental images, root first.
+pub struct ImageChain {
+    images: Vec<ImageReader>,
+    map: Option<PageMap>,
+}
+
+/// Opens the image at `path` and all its ancestors; see [`ImageChain::open`].
+pub fn open_chain(path: &Path, key: Option<&UserKey>) -> Result<ImageChain> {
+    ImageChain::open(path, key)
+}
+
+/// Where a child's parent hint points: absolute, or relative to the child's directory.
+pub fn resolve_parent_path(child: &Path, hint: &str) -> PathBuf {
+    let h = Path::new(hint);
+    if h.is_absolute() {
+        h.to_path_buf()
+    } else {
+        child.parent().unwrap_or_else(|| Path::new("")).join(h)
+    }
+}
+
+impl ImageChain {
+    /// Opens `path` and follows parent hints to the full image, checking each
+    /// parent's root hash and memory layout. All members use the same key.
+    pub fn open(path: &Path, key: Option<&UserKey>) -> Result<Self> {
+        let mut images = vec![ImageReader::open(path, key)?];
+        loop {
+            let child = images.last().expect("non-empty");
+            let Some(parent) = child.header().parent.clone() else {
+                break;
+            };
+            if images.len() >= MAX_CHAIN_LEN {
+                return Err(Error::ChainTooLong { path: child.path().to_path_buf(), max: MAX_CHAIN_LEN });
+            }
+            let ppath = resolve_parent_path(child.path(), &parent.path_hint);
+            let file = File::open(&ppath).map_err(|source| Error::MissingParent {
+                child: child.path().to_path_buf(),
+                parent: ppath.clone(),
+                source,
+            })?;
+            let p = ImageReader::from_file(&ppath, file, key)?;
+            if p.root_hash() != parent.root_hash {
+                return Err(Error::ParentMismatch {
+                    child: child.path().to_path_buf(),
+                    parent: ppath,
+                    expected: parent.root_hash,
+                    found: p.root_hash(),
+                });
+            }
+            if p.ranges() != child.ranges() {
+                return Err(Error::ParentLayoutMismatch {
+                    child: child.path().to_path_buf(),
+                    parent: ppath,
+                    reason: format!("RAM ranges {:?} vs {:?}", p.ranges(), child.ranges()),
+                });
+            }
+            images.push(p);
+        }
+        images.reverse();
+        Ok(ImageChain { images, map: None })
+    }
+
+    /// The members, full image first, the opened image last.
+    pub fn images(&self) -> &[ImageReader] {
+        &self.images
+    }
+
+    /// The image the chain was opened from.
+    pub fn leaf(&mut self) -> &mut ImageReader {
+        self.images.last_mut().expect("a chain has at least one image")
+    }
+
+    /// Guest RAM ranges (identical in all members).
+    pub fn ranges(&self) -> &[RamRange] {
+        self.images[0].ranges()
+    }
+
+    /// Root hash of the leaf image.
+    pub fn root_hash(&self) -> Hash32 {
+        self.images.last().expect("non-empty").root_hash()
+    }
+
+    /// The leaf's VM state (the state at the time of the newest image).
+    pub fn state(&mut self) -> Result<Vec<u8>> {
+        self.leaf().state()
+    }
+
+    /// The leaf's vCPU registers.
+    pub fn cpus(&mut self) -> Result<Vec<CpuRegs>> {
+        self.leaf().cpus()
+    }
+
+    /// Replays all members' records, parent first, children overriding; apply to zero-filled memory.
+    pub fn read_runs(&mut self, mut visit: impl FnMut(u64, RunData<'_>) -> Result<()>) -> Result<()> {
+        for img in &mut self.images {
+            img.read_runs(&mut visit)?;
+        }
+        Ok(())
+    }
+
+    /// Like `read_runs` with zero runs as zero-filled slices.
+    pub fn read_memory(&mut self, mut visit: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+        for img in &mut self.images {
+            img.read_memory(&mut visit)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the chain's resulting memory at `gpa` (page aligned) by random access.
+    pub fn read_at(&mut self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        check_in_ram(self.ranges(), gpa, buf.len() as u64)?;
+        if self.map.is_none() {
+            let mut m = PageMap::default();
+            for (im, img) in self.images.iter().enumerate() {
+                for (i, c) in img.dec.chunks.iter().enumerate() {
+                    m.apply_chunk(im as u16, i as u32, &c.runs);
+                }
+            }
+            self.map = Some(m);
+        }
+        let map = self.map.as_ref().expect("built above");
+        let mut decs: Vec<_> = self.images.iter_mut().map(|r| &mut r.dec).collect();
+        fill(map, &mut decs, gpa, buf)
+    }
+
+    /// The chain's resulting contents of one page.
+    pub fn read_page(&mut self, gpa: u64) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; crate::header::PAGE_SIZE as usize];
+        self.read_at(gpa, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Verifies every member, root first.
+    pub fn verify(&mut self) -> Result<Vec<VerifyReport>> {
+        self.images.iter_mut().map(|i| i.verify()).collect()
+    }
+}
+
+impl MemorySource for ImageChain {
+    fn ram_ranges(&self) -> Vec<RamRange> {
+        self.ranges().to_vec()
+    }
+
+    fn cpu_regs(&mut self) -> Result<Vec<CpuRegs>> {
+        self.cpus()
+    }
+
+    fn read_into(&mut self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_at(gpa, buf)
+    }
+}

@@ -1,0 +1,218 @@
+//! Encryption at rest: AES-256-GCM with a fresh data key per image, wrapped by
+//! a key-encryption key derived from the user's key file.
+//!
+//! Why a wrapped per-image key: nonces can then be simple counters (section
+//! kind + index) without any risk of reuse across images, and a wrong key file
+//! is detected once, at open, when the unwrap's tag fails.
+
+use std::fmt;
+use std::path::Path;
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+use crate::hash::{from_hex, to_hex, Hash32};
+use crate::header::EncryptionParams;
+
+/// BLAKE3 derive-key context turning key-file bytes into the key-encryption key.
+pub const KEY_FILE_CONTEXT: &str = "ferry image key-file v1";
+/// BLAKE3 derive-key context turning the data key into the root-tag MAC key.
+pub(crate) const ROOT_TAG_CONTEXT: &str = "ferry image root tag v1";
+/// Associated data of the data-key wrap.
+pub(crate) const WRAP_AAD: &[u8] = b"ferry image data key v1";
+/// Length of the GCM tag appended to every encrypted payload.
+pub const TAG_LEN: usize = 16;
+
+/// Which kind of record a nonce belongs to; part of the nonce so indices never collide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum NonceKind {
+    /// A memory chunk (index = chunk index).
+    Chunk = 1,
+    /// The VM state section (index 0).
+    State = 2,
+    /// The CPU register section (index 0).
+    Cpus = 3,
+}
+
+/// The user's secret: the key-encryption key derived from a key file's bytes.
+///
+/// Any bytes work as a key file (e.g. 32 bytes from /dev/urandom); the same
+/// file must be given to read the image back.
+#[derive(Clone)]
+pub struct UserKey {
+    kek: Zeroizing<[u8; 32]>,
+}
+
+impl UserKey {
+    /// Derives the key-encryption key from key-file contents; refuses an empty file.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        if bytes.is_empty() {
+            return Err(Error::InvalidArgument("key file is empty".into()));
+        }
+        Ok(UserKey { kek: Zeroizing::new(blake3::derive_key(KEY_FILE_CONTEXT, bytes)) })
+    }
+
+    /// Reads a key file and derives the key from its contents.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| Error::io("read key file", path, e))?);
+        Self::from_bytes(&bytes)
+    }
+}
+
+impl fmt::Debug for UserKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UserKey(..)")
+    }
+}
+
+/// Why a data key could not be unwrapped.
+pub(crate) enum UnwrapError {
+    /// The GCM tag failed: the user key is not the one the image was written with.
+    WrongKey,
+    /// The public parameters themselves are malformed.
+    BadParams(String),
+}
+
+/// An image's data key, ready to seal and open records.
+pub(crate) struct DataKey {
+    aead: Aes256Gcm,
+    mac_key: Zeroizing<[u8; 32]>,
+}
+
+/// The 12-byte GCM nonce for a record: u32le kind, then u64le index.
+fn nonce(kind: NonceKind, index: u64) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    n[..4].copy_from_slice(&(kind as u32).to_le_bytes());
+    n[4..].copy_from_slice(&index.to_le_bytes());
+    n
+}
+
+/// Fills `buf` from the OS random source.
+pub(crate) fn random_bytes(buf: &mut [u8]) -> std::result::Result<(), String> {
+    getrandom::fill(buf).map_err(|e| format!("OS random source failed: {e}"))
+}
+
+impl DataKey {
+    fn from_raw(raw: &[u8; 32]) -> Self {
+        DataKey { aead: Aes256Gcm::new(raw.into()), mac_key: Zeroizing::new(blake3::derive_key(ROOT_TAG_CONTEXT, raw)) }
+    }
+
+    /// Makes a fresh random data key and its wrapped form for the header.
+    pub(crate) fn generate(user: &UserKey) -> std::result::Result<(Self, EncryptionParams), String> {
+        let mut raw = Zeroizing::new([0u8; 32]);
+        random_bytes(&mut raw[..])?;
+        let mut wrap_nonce = [0u8; 12];
+        random_bytes(&mut wrap_nonce)?;
+        let kek = Aes256Gcm::new((&*user.kek).into());
+        let mut wrapped = raw.to_vec();
+        let tag = kek
+            .encrypt_in_place_detached(Nonce::from_slice(&wrap_nonce), WRAP_AAD, &mut wrapped)
+            .map_err(|_| "wrapping the data key failed".to_string())?;
+        wrapped.extend_from_slice(&tag);
+        let params = EncryptionParams {
+            cipher: "aes-256-gcm".into(),
+            kdf: "blake3-derive-key".into(),
+            kdf_context: KEY_FILE_CONTEXT.into(),
+            wrap_nonce: to_hex(&wrap_nonce),
+            wrapped_key: to_hex(&wrapped),
+        };
+        Ok((Self::from_raw(&raw), params))
+    }
+
+    /// Unwraps the data key recorded in the header with the user's key.
+    pub(crate) fn unwrap(params: &EncryptionParams, user: &UserKey) -> std::result::Result<Self, UnwrapError> {
+        if params.kdf_context != KEY_FILE_CONTEXT {
+            return Err(UnwrapError::BadParams(format!("unknown kdf_context {:?}", params.kdf_context)));
+        }
+        let n = from_hex(&params.wrap_nonce).map_err(|e| UnwrapError::BadParams(format!("wrap_nonce: {e}")))?;
+        let w = Zeroizing::new(
+            from_hex(&params.wrapped_key).map_err(|e| UnwrapError::BadParams(format!("wrapped_key: {e}")))?,
+        );
+        if n.len() != 12 || w.len() != 32 + TAG_LEN {
+            return Err(UnwrapError::BadParams(format!(
+                "wrap_nonce is {} bytes (want 12), wrapped_key is {} bytes (want 48)",
+                n.len(),
+                w.len()
+            )));
+        }
+        let kek = Aes256Gcm::new((&*user.kek).into());
+        let mut raw = Zeroizing::new([0u8; 32]);
+        raw.copy_from_slice(&w[..32]);
+        kek.decrypt_in_place_detached(Nonce::from_slice(&n), WRAP_AAD, &mut raw[..], Tag::from_slice(&w[32..]))
+            .map_err(|_| UnwrapError::WrongKey)?;
+        Ok(Self::from_raw(&raw))
+    }
+
+    /// Encrypts `buf` in place and appends the tag.
+    pub(crate) fn seal(
+        &self,
+        kind: NonceKind,
+        index: u64,
+        aad: &[&[u8]],
+        buf: &mut Vec<u8>,
+    ) -> std::result::Result<(), String> {
+        let aad = join(aad);
+        let tag = self
+            .aead
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce(kind, index)), &aad, buf)
+            .map_err(|_| "AES-GCM encryption failed (payload too large?)".to_string())?;
+        buf.extend_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Decrypts `buf` (ciphertext then tag) in place; returns the plaintext length, or
+    /// `None` when the tag does not verify.
+    pub(crate) fn open(&self, kind: NonceKind, index: u64, aad: &[&[u8]], buf: &mut [u8]) -> Option<usize> {
+        let n = buf.len().checked_sub(TAG_LEN)?;
+        let (ct, tag) = buf.split_at_mut(n);
+        let aad = join(aad);
+        self.aead
+            .decrypt_in_place_detached(Nonce::from_slice(&nonce(kind, index)), &aad, ct, Tag::from_slice(tag))
+            .ok()?;
+        Some(n)
+    }
+
+    /// Keyed tag over the root hash: proves the whole image (including which
+    /// chunks exist and their order) was written by a holder of the key.
+    pub(crate) fn root_tag(&self, root: &Hash32) -> Hash32 {
+        blake3::keyed_hash(&self.mac_key, &root.0).into()
+    }
+}
+
+/// Concatenates associated-data parts (small: header hash + a record prefix).
+fn join(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_unwrap_and_wrong_key() {
+        let k = UserKey::from_bytes(b"secret").unwrap();
+        let (dk, params) = DataKey::generate(&k).unwrap();
+        let dk2 = DataKey::unwrap(&params, &k).ok().unwrap();
+        let mut buf = b"hello world".to_vec();
+        dk.seal(NonceKind::Chunk, 7, &[b"aad"], &mut buf).unwrap();
+        assert_eq!(buf.len(), 11 + TAG_LEN);
+        let mut copy = buf.clone();
+        assert_eq!(dk2.open(NonceKind::Chunk, 7, &[b"a", b"ad"], &mut copy), Some(11));
+        assert_eq!(&copy[..11], b"hello world");
+        // Wrong index, kind or aad fail.
+        assert!(dk2.open(NonceKind::Chunk, 8, &[b"aad"], &mut buf.clone()).is_none());
+        assert!(dk2.open(NonceKind::State, 7, &[b"aad"], &mut buf.clone()).is_none());
+        assert!(dk2.open(NonceKind::Chunk, 7, &[b"aae"], &mut buf.clone()).is_none());
+        let wrong = UserKey::from_bytes(b"secreT").unwrap();
+        assert!(matches!(DataKey::unwrap(&params, &wrong), Err(UnwrapError::WrongKey)));
+    }
+
+    #[test]
+    fn empty_key_file_refused() {
+        assert!(UserKey::from_bytes(b"").is_err());
+        assert_eq!(format!("{:?}", UserKey::from_bytes(b"x").unwrap()), "UserKey(..)");
+    }
+}
