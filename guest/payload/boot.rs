@@ -15,7 +15,11 @@
 //!   [`map_high`]: the tables are user-writable, which is fine for a test
 //!   guest and keeps ring 0 free of loops.
 //! - `gdt`: 0x08 ring-0 code64, 0x10 ring-0 data, 0x18 ring-3 data
-//!   (selector 0x1b), 0x20 ring-3 code64 (selector 0x23), 0x28 64-bit TSS.
+//!   (selector 0x1b), 0x20 ring-3 code64 (selector 0x23), 0x28 64-bit TSS,
+//!   shared by all CPUs (no interrupts, so RSP0 is never used).
+//! - The TSS has an all-zero I/O permission bitmap: `iretq` asks for IOPL=3,
+//!   but PVM's emulated `iretq` lands in ring 3 with IOPL 0 while it does
+//!   honour the bitmap, so ring 3 may do port I/O either way.
 //! - IDT: limit 0, so any exception escalates to a triple fault.
 
 use crate::{MAX_CPUS, STACK_SIZE};
@@ -149,7 +153,7 @@ gdt:
     .quad 0x00cff2000000ffff        /* 0x18 ring-3 data */
     .quad 0x00affa000000ffff        /* 0x20 ring-3 code64 */
 tss_desc:                           /* 0x28 64-bit TSS, base patched at boot */
-    .word 104 + 8192, 0
+    .word 104 + 8192, 0             /* limit: TSS + I/O bitmap + 0xff */
     .byte 0, 0x89, 0, 0
     .long 0, 0
 gdt_end:

@@ -75,10 +75,7 @@ static SERIAL_LOCK: AtomicBool = AtomicBool::new(false);
 /// Writes bytes to COM1 under a spin lock so lines of different CPUs never
 /// interleave.
 pub fn serial_write(bytes: &[u8]) {
-    while SERIAL_LOCK
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
+    while SERIAL_LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
         core::hint::spin_loop();
     }
     for &b in bytes {
@@ -135,28 +132,60 @@ pub fn delay_ticks(ticks: u64) {
     }
 }
 
-/// Measures the TSC against PIT channel 2 (20 ms one-shot); None if the PIT
-/// does not seem to count.
-pub fn pit_calibrate_khz() -> Option<u64> {
-    const MS: u64 = 20;
-    const LATCH: u64 = 1_193_182 * MS / 1000;
-    let v = inb(0x61);
-    outb(0x61, (v & !0x02) | 0x01); // gate on, speaker off
-    outb(0x43, 0xb0); // channel 2, lobyte/hibyte, mode 0, binary
-    outb(0x42, LATCH as u8);
-    outb(0x42, (LATCH >> 8) as u8);
-    let t0 = rdtsc();
-    let mut polls = 0u64;
-    while inb(0x61) & 0x20 == 0 {
-        polls += 1;
-        // Give up after ~100 s at 10 GHz or an absurd number of polls.
-        if rdtsc().wrapping_sub(t0) > 1_000_000_000_000 || polls > 1_000_000_000 {
-            return None;
+/// Latches and reads the PIT channel 2 count.
+fn pit2_count() -> u16 {
+    outb(0x43, 0x80);
+    let lo = inb(0x42) as u16;
+    lo | (inb(0x42) as u16) << 8
+}
+
+/// A (TSC, PIT count) pair taken as tightly as possible (best of 5), so
+/// that a vCPU being descheduled between the two readings does not matter.
+fn pit2_sample() -> (u64, u16, u64) {
+    let mut best = (0, 0, u64::MAX);
+    for _ in 0..5 {
+        let a = rdtsc();
+        let c = pit2_count();
+        let w = rdtsc() - a;
+        if w < best.2 {
+            best = (a + w / 2, c, w);
         }
     }
-    let t1 = rdtsc();
-    let khz = (t1 - t0) / MS;
-    if khz == 0 { None } else { Some(khz) }
+    best
+}
+
+/// Measures the TSC against PIT channel 2 (mode 0 from 0xffff, ~35 ms).
+/// Reads the PIT count at both ends instead of waiting for OUT2, so host
+/// scheduling delays between the samples do not distort the result.
+/// None if the PIT does not seem to count.
+pub fn pit_calibrate_khz() -> Option<u64> {
+    const PIT_HZ: u128 = 1_193_182;
+    for _ in 0..3 {
+        let v = inb(0x61);
+        outb(0x61, (v & !0x02) | 0x01); // gate on, speaker off
+        outb(0x43, 0xb0); // channel 2, lobyte/hibyte, mode 0, binary
+        outb(0x42, 0xff);
+        outb(0x42, 0xff);
+        let (t0, c0, _) = pit2_sample();
+        let start = rdtsc();
+        let mut c = c0;
+        // Wait for ~42000 PIT ticks (35 ms); give up after ~10^11 TSC ticks.
+        while c0.wrapping_sub(c) < 42_000 && c <= c0 {
+            if rdtsc() - start > 100_000_000_000 {
+                return None;
+            }
+            c = pit2_count();
+        }
+        let (t1, c1, _) = pit2_sample();
+        // OUT2 high: the count passed 0 and wrapped; the difference is void.
+        if inb(0x61) & 0x20 != 0 || c1 > c0 {
+            continue;
+        }
+        let ticks = (c0 - c1) as u128;
+        let khz = ((t1 - t0) as u128 * PIT_HZ / ticks / 1000) as u64;
+        return if khz == 0 { None } else { Some(khz) };
+    }
+    None
 }
 
 /// Source of the TSC frequency, for the INFO line.

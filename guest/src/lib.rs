@@ -30,3 +30,193 @@ pub mod pattern;
 
 #[path = "../payload/mptable.rs"]
 pub mod mptable;
+
+#[cfg(test)]
+mod tests {
+    use super::cmdline::*;
+    use super::mptable;
+    use super::pattern::*;
+
+    #[test]
+    fn cmdline_defaults_and_modes() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        assert_eq!(parse("  ").unwrap().mode, Mode::Idle);
+        let c = parse("dirty mem=64 wss=16 rate=max passes=200").unwrap();
+        assert_eq!(c.mode, Mode::Dirty);
+        assert_eq!((c.mem_mib, c.wss_mib, c.rate, c.passes), (Some(64), Some(16), Rate::Max, Some(200)));
+        let c = parse("dirty rate=1000 report=0 cpus=2 tsc_khz=2600000 verify").unwrap();
+        assert_eq!(c.rate, Rate::PagesPerSec(1000));
+        assert_eq!((c.report_ms, c.cpus, c.tsc_khz, c.verify), (Some(0), Some(2), Some(2_600_000), true));
+        assert_eq!(parse("crash=triple").unwrap().crash, Some(Crash::Triple));
+        assert_eq!(parse("crash=mmio-exec").unwrap().crash, Some(Crash::MmioExec));
+        assert_eq!(parse("exit=255").unwrap().exit, Some(255));
+        assert_eq!(parse("dirty idle").unwrap().mode, Mode::Idle);
+    }
+
+    #[test]
+    fn cmdline_rejects_unknown_and_malformed_words() {
+        for bad in [
+            "console=ttyS0",
+            "mem=",
+            "mem=1x",
+            "mem=-1",
+            "rate=0",
+            "rate=fast",
+            "cpus=0",
+            "exit=256",
+            "crash=soft",
+            "idle=1",
+            "verify=yes",
+            "tsc_khz=0",
+        ] {
+            assert_eq!(parse(&format!("dirty {bad} passes=1")), Err(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_commands() {
+        assert_eq!(parse_command("verify"), Some(Ok(Command::Verify)));
+        assert_eq!(parse_command(" status \r"), Some(Ok(Command::Status)));
+        assert_eq!(parse_command("exit 3"), Some(Ok(Command::Exit(3))));
+        assert_eq!(parse_command(""), None);
+        assert_eq!(parse_command("exit"), Some(Err("exit")));
+        assert_eq!(parse_command("exit 300"), Some(Err("exit 300")));
+        assert_eq!(parse_command("verify now"), Some(Err("verify now")));
+    }
+
+    #[test]
+    fn line_buffer() {
+        let mut lb = LineBuf::new();
+        let mut lines = Vec::new();
+        for &b in b"ver\rify\r\n\nexit 4\n" {
+            if let Some(l) = lb.push(b) {
+                lines.push(l.to_string());
+            }
+        }
+        assert_eq!(lines, ["ver", "ify", "exit 4"]);
+        // An overlong line is dropped whole, the next one is fine.
+        for _ in 0..100 {
+            assert!(lb.push(b'x').is_none());
+        }
+        assert!(lb.push(b'\n').is_none());
+        for &b in b"status" {
+            assert!(lb.push(b).is_none());
+        }
+        assert_eq!(lb.push(b'\n'), Some("status"));
+    }
+
+    fn feed(bytes: &[u8]) -> usize {
+        let mut d = CtrlAltDel::new();
+        bytes.iter().filter(|&&b| d.feed(b)).count()
+    }
+
+    #[test]
+    fn ctrl_alt_del_set1_and_set2() {
+        assert_eq!(feed(&[0x1d, 0x38, 0x53]), 1);
+        assert_eq!(feed(&[0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]), 1);
+        assert_eq!(feed(&[0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14]), 1);
+        // Released modifiers do not count.
+        assert_eq!(feed(&[0x1d, 0x9d, 0x38, 0x53]), 0);
+        assert_eq!(feed(&[0x14, 0xf0, 0x14, 0x11, 0xe0, 0x71]), 0);
+        assert_eq!(feed(&[0x53, 0x38, 0x1d]), 0);
+    }
+
+    #[test]
+    fn page_words_and_generations() {
+        assert_eq!(page_word(0, 0x200), 0x200);
+        assert_eq!(page_word(7, 0x1_2345_6789), (7 << 32) | 0x2345_6789);
+        assert_eq!(expected_gen(3, 10, 9), 4);
+        assert_eq!(expected_gen(3, 10, 10), 3);
+        assert_eq!(expected_gen(0, 0, 0), 0);
+    }
+
+    #[test]
+    fn slices_cover_wss_exactly() {
+        for wss in [1u64, 2, 7, 4096, 4097] {
+            for n in 1..=5u64 {
+                let mut next = 0;
+                for c in 0..n {
+                    let (lo, hi) = slice_of(wss, n, c);
+                    assert_eq!(lo, next);
+                    assert!(hi - lo <= wss / n + 1);
+                    next = hi;
+                }
+                assert_eq!(next, wss);
+            }
+        }
+    }
+
+    #[test]
+    fn region_from_ram() {
+        const MIB: u64 = 1 << 20;
+        // QEMU -m 6G: low RAM, 1 MiB..3 GiB, 4 GiB..7 GiB; unsorted on purpose.
+        let ram = [(4 << 30, 3 << 30), (0, 0x9fc00), (MIB, (3 << 30) - MIB)];
+        let r = Region::from_ram(&ram, 2 * MIB, u64::MAX);
+        assert_eq!(r.segs().len(), 2);
+        assert_eq!(r.segs()[0], Seg { start_pfn: 0x200, pages: (3 << 18) - 0x200 });
+        assert_eq!(r.segs()[1], Seg { start_pfn: 0x100000, pages: 3 << 18 });
+        assert_eq!(r.pages(), (6 << 18) - 0x200);
+        assert_eq!(r.pfn(0), Some(0x200));
+        assert_eq!(r.pfn((3 << 18) - 0x200), Some(0x100000));
+        assert_eq!(r.pfn(r.pages()), None);
+
+        let mut runs = Vec::new();
+        r.for_each_run((3 << 18) - 0x202, 4, |pfn, n, idx| runs.push((pfn, n, idx)));
+        assert_eq!(runs, [(0xbffff - 1, 2, (3 << 18) - 0x202), (0x100000, 2, (3 << 18) - 0x200)]);
+
+        // mem= limit, unaligned ranges, adjacent ranges merge.
+        let r = Region::from_ram(&[(0x200800, 0x3000), (0x203000, 0x2800)], 0, 3);
+        assert_eq!(r.segs(), [Seg { start_pfn: 0x201, pages: 3 }]);
+        let r = Region::from_ram(&[(0x200000, 0x1000), (0x201000, 0x1000)], 0, 100);
+        assert_eq!(r.segs(), [Seg { start_pfn: 0x200, pages: 2 }]);
+        assert_eq!(Region::from_ram(&[], 0, 100).pages(), 0);
+    }
+
+    /// Builds a fake low 1 MiB with an MP table like Firecracker's.
+    fn fake_low_mem(fp_at: usize, cpus: &[(u8, u8)]) -> Vec<u8> {
+        let mut m = vec![0u8; 0x100000];
+        let table = fp_at + 16;
+        let mut entries = Vec::new();
+        for &(id, flags) in cpus {
+            let mut e = [0u8; 20];
+            e[0] = 0;
+            e[1] = id;
+            e[2] = 0x14;
+            e[3] = flags;
+            entries.extend_from_slice(&e);
+        }
+        entries.extend_from_slice(&[1, 0, b'I', b'S', b'A', b' ', b' ', b' ']); // a bus entry
+        let len = 0x2c + entries.len();
+        m[table..table + 4].copy_from_slice(b"PCMP");
+        m[table + 4..table + 6].copy_from_slice(&(len as u16).to_le_bytes());
+        m[table + 0x22..table + 0x24].copy_from_slice(&(cpus.len() as u16 + 1).to_le_bytes());
+        m[table + 0x2c..table + len].copy_from_slice(&entries);
+        m[fp_at..fp_at + 4].copy_from_slice(b"_MP_");
+        m[fp_at + 4..fp_at + 8].copy_from_slice(&(table as u32).to_le_bytes());
+        m[fp_at + 8] = 1;
+        m[fp_at + 9] = 4;
+        let sum = m[fp_at..fp_at + 16].iter().fold(0u8, |a, &b| a.wrapping_add(b));
+        m[fp_at + 10] = 0u8.wrapping_sub(sum);
+        m
+    }
+
+    #[test]
+    fn mp_table_found_in_standard_places() {
+        for at in [0x9fc00, 0xf5ba0] {
+            let m = fake_low_mem(at, &[(0, 3), (1, 1), (2, 0), (3, 1)]);
+            let c = mptable::find_cpus(&|a| m[a as usize]).unwrap();
+            assert_eq!(&c.apic_ids[..c.count], &[0, 1, 3]);
+            assert_eq!(&c.is_bsp[..c.count], &[true, false, false]);
+        }
+        // EBDA pointer at 0x40e.
+        let mut m = fake_low_mem(0x9f000, &[(0, 3), (1, 1)]);
+        m[0x40e..0x410].copy_from_slice(&0x9f00u16.to_le_bytes());
+        assert_eq!(mptable::find_cpus(&|a| m[a as usize]).unwrap().count, 2);
+        // Bad checksum: not found.
+        let mut m = fake_low_mem(0x9fc00, &[(0, 3)]);
+        m[0x9fc0b] ^= 1;
+        assert!(mptable::find_cpus(&|a| m[a as usize]).is_none());
+        let m = vec![0u8; 0x100000];
+        assert!(mptable::find_cpus(&|a| m[a as usize]).is_none());
+    }
+}

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use ferry_vmm::Vm;
 use serde_json::json;
 
+use crate::snapshot::{self, SnapshotRequest, VmHandle};
+
 use crate::http::{read_request, write_response, Request, Response};
 
 /// Errors starting the API server.
@@ -58,7 +60,7 @@ pub fn bind(path: &Path) -> Result<(UnixListener, ApiServer), ApiError> {
 }
 
 /// Serves requests until the process ends, one thread per connection.
-pub fn serve(listener: UnixListener, vm: Arc<Vm>) {
+pub fn serve(listener: UnixListener, vm: Arc<VmHandle>) {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -98,8 +100,9 @@ fn vm_error(e: ferry_vmm::Error) -> Response {
 }
 
 /// Dispatches one request.
-pub fn route(vm: &Arc<Vm>, req: &Request) -> Response {
-    let known = ["/vm", "/vm/pause", "/vm/resume", "/vm/shutdown", "/vm/memory-digest", "/vm/console"];
+pub fn route(handle: &Arc<VmHandle>, req: &Request) -> Response {
+    let vm: &Arc<Vm> = &handle.vm;
+    let known = ["/vm", "/vm/pause", "/vm/resume", "/vm/shutdown", "/vm/memory-digest", "/vm/console", "/vm/snapshot"];
     let m = req.method.as_str();
     match (m, req.path.as_str()) {
         ("GET", "/vm") => {
@@ -184,6 +187,16 @@ pub fn route(vm: &Arc<Vm>, req: &Request) -> Response {
                 }
             }
             Response::json(200, &json!({ "sent": sent }))
+        }
+        ("PUT", "/vm/snapshot") => {
+            let req: SnapshotRequest = match serde_json::from_slice(&req.body) {
+                Ok(r) => r,
+                Err(e) => return Response::error(400, format!("invalid snapshot request: {e}")),
+            };
+            match snapshot::take(handle, &req) {
+                Ok(v) => Response::json(200, &v),
+                Err(snapshot::SnapError(status, msg)) => Response::error(status, msg),
+            }
         }
         (_, p) if known.contains(&p) => Response::error(405, format!("method {m} not allowed on {p}")),
         (_, p) => Response::error(404, format!("no such endpoint {p}")),

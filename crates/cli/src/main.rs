@@ -3,17 +3,20 @@
 mod api;
 mod bench;
 mod http;
+mod imagecmd;
 mod size;
+mod snapshot;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferry_vmm::{CpuTemplate, KernelSource, Vm, VmConfig};
+use snapshot::VmHandle;
 
 /// The name `--kernel` accepts for the embedded test guest.
 pub const BUILTIN_TEST_GUEST: &str = "builtin:test";
@@ -41,6 +44,15 @@ enum Command {
     Digest(SockArgs),
     /// Send text to the guest's serial console.
     Console(ConsoleArgs),
+    /// Take a snapshot of a running VM into an image file (live by default).
+    Snapshot(SnapshotArgs),
+    /// Recreate a VM from an image and run it.
+    Restore(RestoreArgs),
+    /// Check, describe and export images.
+    Image {
+        #[command(subcommand)]
+        cmd: imagecmd::ImageCmd,
+    },
     /// The embedded test guest.
     Guest {
         #[command(subcommand)]
@@ -93,6 +105,67 @@ pub struct RunArgs {
     /// Write boot timings and memory figures as JSON here when the VM stops.
     #[arg(long)]
     pub report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SnapshotArgs {
+    /// The VM's API socket.
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// Image file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Stop the world: pause first, copy everything, resume (for comparison).
+    #[arg(long)]
+    pause: bool,
+    /// Chunk codec: lz4, zstd or none.
+    #[arg(long, default_value = "lz4")]
+    codec: String,
+    /// zstd level.
+    #[arg(long)]
+    zstd_level: Option<i32>,
+    /// Encrypt the image (needs --key-file).
+    #[arg(long, requires = "key_file")]
+    encrypt: bool,
+    /// Key file (any bytes; the key is derived from its contents).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Incremental: store only pages dirtied since this parent (the VM's last snapshot).
+    #[arg(long)]
+    parent: Option<PathBuf>,
+    /// Hash guest memory at the final pause (adds to the pause) and report the digest.
+    #[arg(long)]
+    digest: bool,
+    /// Pause budget in milliseconds for the final round.
+    #[arg(long)]
+    downtime_ms: Option<u64>,
+    /// Most live copy rounds.
+    #[arg(long)]
+    max_rounds: Option<u32>,
+    /// Print the statistics as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// Image to restore (its parents are found through the chain).
+    image: PathBuf,
+    /// Key file for encrypted images.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Leave the restored VM paused.
+    #[arg(long)]
+    paused: bool,
+    /// Serial port: stdio, file:PATH, unix:PATH or none.
+    #[arg(long, default_value = "stdio")]
+    serial: String,
+    /// Control API socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Write restore figures and the run report as JSON here when the VM stops.
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -161,6 +234,62 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
             Ok(0)
         }
         Command::Bench { cmd } => bench::run(cmd),
+        Command::Snapshot(a) => {
+            if a.key_file.is_some() && !a.encrypt {
+                bail!("--key-file given without --encrypt; add --encrypt to encrypt the image");
+            }
+            let abs = |p: &Path| -> Result<PathBuf> {
+                Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+            };
+            let body = serde_json::json!({
+                "path": abs(&a.out)?,
+                "mode": if a.pause { "pause" } else { "live" },
+                "codec": a.codec,
+                "zstd_level": a.zstd_level,
+                "key_file": a.key_file.as_deref().map(abs).transpose()?,
+                "parent": a.parent.as_deref().map(abs).transpose()?,
+                "digest": a.digest,
+                "downtime_ms": a.downtime_ms,
+                "max_rounds": a.max_rounds,
+            });
+            let v = api(&a.api_sock, "PUT", "/vm/snapshot", Some(body))?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_snapshot(&v);
+            }
+            Ok(0)
+        }
+        Command::Restore(a) => restore(a, start),
+        Command::Image { cmd } => imagecmd::run(cmd),
+    }
+}
+
+fn print_snapshot(v: &serde_json::Value) {
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    println!("snapshot {} ({})", v["path"].as_str().unwrap_or(""), v["mode"].as_str().unwrap_or(""));
+    println!("  root hash        {}", v["root_hash"].as_str().unwrap_or(""));
+    if let Some(p) = v["parent"].as_str() {
+        println!("  parent           {p}");
+    }
+    println!("  total            {:.1} ms", f("total_ms"));
+    println!("  guest paused     {:.2} ms", f("pause_ms"));
+    println!(
+        "  rounds           {} ({}), pages per round {}",
+        v["rounds"],
+        v["stop_reason"].as_str().unwrap_or(""),
+        v["pages_per_round"]
+    );
+    println!("  zero pages       {} skipped", v["zero_pages_skipped"]);
+    println!(
+        "  bytes written    {} (compression {:.2}x, codec {}, encrypted {})",
+        v["bytes_written"],
+        f("compression_ratio"),
+        v["codec"],
+        v["encrypted"]
+    );
+    if let Some(d) = v["memory_digest"].as_str() {
+        println!("  memory digest    {d} (at the final pause)");
     }
 }
 
@@ -223,8 +352,57 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         serial_out: out,
     };
     let vm = Arc::new(Vm::boot(cfg, start)?);
+    serve_vm(VmHandle { vm, lineage: Mutex::new(None) }, api, input, args.report.as_deref(), None)
+}
+
+fn restore(a: RestoreArgs, start: Instant) -> Result<u8> {
+    let (out, input) = serial_sink(&a.serial)?;
+    let api = match &a.api_sock {
+        Some(p) => Some(api::bind(p)?),
+        None => None,
+    };
+    let key = match &a.key_file {
+        Some(f) => Some(ferry_image::UserKey::from_file(f)?),
+        None => None,
+    };
+    let opts =
+        ferry_migrate::RestoreOptions { key: key.as_ref(), paused: a.paused, serial_out: out, process_start: start };
+    let (vm, stats) = ferry_migrate::restore_from_image(&a.image, opts)
+        .with_context(|| format!("restoring {}", a.image.display()))?;
+    eprintln!(
+        "ferry: restored {} (chain of {}, root {}): {} MiB of data in {:.1} ms ({:.2} GB/s), ready {:.1} ms after start{}",
+        a.image.display(),
+        stats.chain_len,
+        stats.root_hash,
+        stats.data_bytes >> 20,
+        stats.memory_ms,
+        stats.memory_gb_per_s,
+        stats.ready_ms,
+        if a.paused { ", paused" } else { "" }
+    );
+    let root = stats.root_hash.parse().ok();
+    let restore_json = serde_json::to_value(&stats)?;
+    serve_vm(
+        VmHandle { vm: Arc::new(vm), lineage: Mutex::new(root) },
+        api,
+        input,
+        a.report.as_deref(),
+        Some(restore_json),
+    )
+}
+
+/// Serves the API and the console of a running VM until it stops.
+fn serve_vm(
+    handle: VmHandle,
+    api: Option<(std::os::unix::net::UnixListener, api::ApiServer)>,
+    input: Option<Box<dyn Read + Send>>,
+    report: Option<&Path>,
+    restore: Option<serde_json::Value>,
+) -> Result<u8> {
+    let handle = Arc::new(handle);
+    let vm = handle.vm.clone();
     let _server = api.map(|(listener, server)| {
-        api::serve(listener, vm.clone());
+        api::serve(listener, handle.clone());
         server
     });
     if let Some(mut input) = input {
@@ -247,8 +425,11 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         })?;
     }
     let reason = vm.wait();
-    if let Some(path) = &args.report {
-        let report = bench::RunReport::collect(&vm, &reason);
+    if let Some(path) = report {
+        let mut report = serde_json::to_value(bench::RunReport::collect(&vm, &reason))?;
+        if let Some(r) = restore {
+            report["restore"] = r;
+        }
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing report {}", path.display()))?;
     }

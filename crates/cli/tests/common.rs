@@ -37,8 +37,17 @@ impl Guest {
 
     /// Same, in a given temporary directory.
     pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Guest {
+        Self::spawn(dir, "run", args)
+    }
+
+    /// `ferry restore` with the given arguments.
+    pub fn start_restore(dir: tempfile::TempDir, args: &[&str]) -> Guest {
+        Self::spawn(dir, "restore", args)
+    }
+
+    fn spawn(dir: tempfile::TempDir, cmd: &str, args: &[&str]) -> Guest {
         let mut child = Command::new(ferry())
-            .arg("run")
+            .arg(cmd)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -1,1 +1,42 @@
-//! ferry-migrate
+//! ferry-migrate: the pre-copy engine that live snapshot and live migration
+//! share (dirty tracking, rounds, final pause), the sinks it writes to, and
+//! restoring a VM from what it wrote.
+//!
+//! A live snapshot is a migration whose destination is a file; a restore is
+//! an incoming migration whose source is a file.
+
+#![deny(missing_docs)]
+
+pub mod precopy;
+pub mod regs;
+pub mod restore;
+pub mod sink;
+
+pub use precopy::{precopy, PrecopyConfig, PrecopyStats, RoundStats};
+pub use restore::{restore_from_image, RestoreOptions, RestoreStats};
+pub use sink::PageSink;
+
+/// Errors of the engine and of restore.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The VM refused an operation.
+    #[error("VM: {0}")]
+    Vm(#[from] ferry_vmm::Error),
+    /// The image layer failed.
+    #[error("image: {0}")]
+    Image(#[from] ferry_image::Error),
+    /// The serialised VM state could not be encoded or decoded.
+    #[error("VM state in {where_}: {source}")]
+    State {
+        /// Which image.
+        where_: String,
+        /// The decoder's error.
+        source: serde_json::Error,
+    },
+    /// An image does not fit the VM or vice versa.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, Error>;

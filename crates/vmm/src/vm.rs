@@ -351,22 +351,31 @@ impl Vm {
             let mut c = self.ctl.inner.lock().unwrap();
             match c.want {
                 Want::Stop => return Err(Error::WrongState { state: "stopped", what: "cannot pause" }),
-                Want::Pause => return Ok(()),
-                Want::Run => {}
+                // Already requested (maybe by restore): still wait until every vCPU is parked.
+                Want::Pause => {}
+                Want::Run => {
+                    c.want = Want::Pause;
+                    self.ctl.attention.store(true, Ordering::SeqCst);
+                }
             }
-            c.want = Want::Pause;
-            self.ctl.attention.store(true, Ordering::SeqCst);
         }
+        let mut kicked = false;
         loop {
-            self.kick_all();
             let c = self.ctl.inner.lock().unwrap();
-            let (c, _) = self.ctl.cv.wait_timeout(c, Duration::from_millis(1)).unwrap();
             if c.want == Want::Stop {
                 return Err(Error::WrongState { state: "stopped", what: "stopped while pausing" });
             }
             if c.parked == c.running_threads {
                 return Ok(());
             }
+            if kicked {
+                // Wait for a vCPU to park; kick again if a signal was missed.
+                drop(self.ctl.cv.wait_timeout(c, Duration::from_millis(1)).unwrap());
+            } else {
+                drop(c);
+            }
+            self.kick_all();
+            kicked = true;
         }
     }
 

@@ -1,0 +1,293 @@
+//! End to end: live snapshots, restore, incremental chains, encryption,
+//! export, and every way an image can be bad.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// A running test guest with an API socket.
+fn running_guest(cmdline: &str, mem: &str) -> (Guest, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut g = Guest::start_in(
+        dir,
+        &["--kernel", "builtin:test", "--mem", mem, "--cmdline", cmdline, "--api-sock", sock.to_str().unwrap()],
+    );
+    g.wait_line("PROGRESS", secs(60));
+    wait_sock(&sock);
+    (g, sock)
+}
+
+fn snapshot(sock: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["snapshot", "--api-sock", sock.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    ferry_cmd(&args)
+}
+
+fn snapshot_ok(sock: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let o = snapshot(sock, out, extra);
+    assert!(o.status.success(), "snapshot failed: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Restores `img` paused and returns the guest and its API socket.
+fn restore_paused(img: &Path, extra: &[&str]) -> (Guest, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("r.sock");
+    let mut args = vec![img.to_str().unwrap(), "--paused", "--api-sock", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let g = Guest::start_restore(dir, &args);
+    wait_sock(&sock);
+    (g, sock)
+}
+
+#[test]
+fn live_snapshot_restores_with_same_digest_and_guest_continues() {
+    let (mut g, sock) = running_guest("dirty wss=16 rate=max report=100", "128M");
+    let img = g.path("full.img");
+    let s = snapshot_ok(&sock, &img, &["--digest"]);
+    assert_eq!(s["mode"], "live");
+    assert!(s["rounds"].as_u64().unwrap() >= 2, "live snapshot copies in rounds: {s}");
+    assert!(s["pause_ms"].as_f64().unwrap() > 0.0);
+    assert!(s["zero_pages_skipped"].as_u64().unwrap() > 0, "{s}");
+    let digest = s["memory_digest"].as_str().unwrap().to_string();
+    // The source keeps running.
+    let before = g.wait_line("PROGRESS", secs(10));
+    assert_eq!(api("status", &sock)["state"], "running");
+
+    let (mut r, rsock) = restore_paused(&img, &[]);
+    assert_eq!(api("digest", &rsock)["digest"], digest.as_str(), "restored memory equals memory at the final pause");
+    assert_eq!(api("status", &rsock)["state"], "paused");
+    api("resume", &rsock);
+    let p = r.wait_line("PROGRESS", secs(30));
+    // The restored guest continues its own sequence (no reboot).
+    assert!(field(&p, "seq").unwrap() >= 1, "{p}");
+    assert!(!r.seen.iter().any(|l| l.starts_with("FERRY-GUEST boot")), "restore must not reboot: {:?}", r.seen);
+    r.send_line("verify");
+    let v = r.wait_line("VERIFY", secs(30));
+    assert!(v.starts_with("VERIFY OK"), "{v}");
+    let _ = before;
+}
+
+#[test]
+fn every_image_kind_restores_to_the_digest_at_its_final_pause() {
+    let (g, sock) = running_guest("dirty wss=8 rate=20000 report=100", "64M");
+    let key = g.path("key");
+    std::fs::write(&key, b"correct horse battery staple").unwrap();
+    let full = g.path("full.img");
+    let kinds: Vec<(PathBuf, Vec<String>)> = vec![
+        (full.clone(), vec!["--digest".into()]),
+        (g.path("incr.img"), vec!["--digest".into(), "--parent".into(), full.to_str().unwrap().into()]),
+        (g.path("zstd.img"), vec!["--digest".into(), "--codec".into(), "zstd".into()]),
+        (g.path("none.img"), vec!["--digest".into(), "--codec".into(), "none".into(), "--pause".into()]),
+        (
+            g.path("enc.img"),
+            vec!["--digest".into(), "--encrypt".into(), "--key-file".into(), key.to_str().unwrap().into()],
+        ),
+    ];
+    let mut digests = vec![];
+    for (img, extra) in &kinds {
+        let extra: Vec<&str> = extra.iter().map(|s| s.as_str()).collect();
+        let s = snapshot_ok(&sock, img, &extra);
+        digests.push(s["memory_digest"].as_str().unwrap().to_string());
+        if img.ends_with("incr.img") {
+            let full_size = std::fs::metadata(&full).unwrap().len();
+            let incr_size = std::fs::metadata(img).unwrap().len();
+            assert!(incr_size < full_size, "incremental ({incr_size}) smaller than full ({full_size})");
+            assert!(s["parent"].is_string());
+        }
+    }
+    for ((img, _), digest) in kinds.iter().zip(&digests) {
+        let extra: Vec<&str> =
+            if img.ends_with("enc.img") { vec!["--key-file", key.to_str().unwrap()] } else { vec![] };
+        let (_r, rsock) = restore_paused(img, &extra);
+        assert_eq!(api("digest", &rsock)["digest"].as_str().unwrap(), digest, "{}", img.display());
+        // image verify agrees the file is intact.
+        let mut args = vec!["image", "verify", img.to_str().unwrap()];
+        args.extend_from_slice(&extra);
+        let o = ferry_cmd(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+#[test]
+fn restore_twice_gives_two_independent_guests() {
+    let (g, sock) = running_guest("dirty wss=8 rate=max report=100", "64M");
+    let img = g.path("a.img");
+    snapshot_ok(&sock, &img, &[]);
+    let (mut a, asock) = restore_paused(&img, &[]);
+    let (mut b, bsock) = restore_paused(&img, &[]);
+    api("resume", &asock);
+    api("resume", &bsock);
+    a.wait_line("PROGRESS", secs(30));
+    b.wait_line("PROGRESS", secs(30));
+    // Stopping one leaves the other running.
+    let o = ferry_cmd(&["shutdown", "--api-sock", asock.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert_eq!(a.wait_exit(secs(30)).code(), Some(0));
+    let p = b.wait_line("PROGRESS", secs(10));
+    assert!(p.starts_with("PROGRESS"));
+    assert_eq!(api("status", &bsock)["state"], "running");
+}
+
+#[test]
+fn pause_snapshot_and_incremental_refusals() {
+    let (g, sock) = running_guest("dirty wss=8 rate=20000 report=100", "64M");
+    let a = g.path("a.img");
+    let s = snapshot_ok(&sock, &a, &["--pause"]);
+    assert_eq!(s["mode"], "pause");
+    assert_eq!(s["rounds"], 1);
+    // A parent that is not the last snapshot is refused, and the lineage is kept.
+    let b = g.path("b.img");
+    snapshot_ok(&sock, &b, &[]);
+    let o = snapshot(&sock, &g.path("c.img"), &["--parent", a.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("is not this VM's last snapshot"), "{err}");
+    assert!(!g.path("c.img").exists());
+    snapshot_ok(&sock, &g.path("c.img"), &["--parent", b.to_str().unwrap()]);
+}
+
+#[test]
+fn export_lime_elf_and_raw() {
+    let (g, sock) = running_guest("dirty wss=8 rate=20000 report=100", "64M");
+    let img = g.path("a.img");
+    snapshot_ok(&sock, &img, &[]);
+    for fmt in ["lime", "elf", "raw"] {
+        let out = g.path(&format!("mem.{fmt}"));
+        let o = ferry_cmd(&["image", "export", img.to_str().unwrap(), "--format", fmt, "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let bytes = std::fs::read(&out).unwrap();
+        match fmt {
+            "lime" => {
+                assert_eq!(&bytes[0..4], &0x4C69_4D45u32.to_le_bytes());
+                let end = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+                assert_eq!(end, (64 << 20) - 1, "one RAM range, inclusive end");
+                assert_eq!(bytes.len(), 32 + (64 << 20));
+            }
+            "elf" => {
+                assert_eq!(&bytes[0..4], b"\x7fELF");
+                assert_eq!(u16::from_le_bytes([bytes[16], bytes[17]]), 4, "ET_CORE");
+            }
+            _ => assert_eq!(bytes.len(), 64 << 20),
+        }
+    }
+    // The test guest's page pattern is visible in the raw export: word at page 0x300 carries pfn 0x300.
+    let raw = std::fs::read(g.path("mem.raw")).unwrap();
+    let word = u64::from_le_bytes(raw[0x300 * 4096..0x300 * 4096 + 8].try_into().unwrap());
+    assert_eq!(word & 0xffff_ffff, 0x300);
+    let o = ferry_cmd(&["image", "inspect", img.to_str().unwrap()]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("root hash") && text.contains("vcpu 0") && text.contains("rip="), "{text}");
+}
+
+fn corrupt_copy(src: &Path, dst: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut b = std::fs::read(src).unwrap();
+    f(&mut b);
+    std::fs::write(dst, b).unwrap();
+}
+
+fn restore_fails(img: &Path, extra: &[&str], expect: &str) {
+    let mut args = vec!["restore", img.to_str().unwrap(), "--serial", "none"];
+    args.extend_from_slice(extra);
+    let o = ferry_cmd(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "restore of {} should fail: {err}", img.display());
+    assert!(err.to_lowercase().contains(&expect.to_lowercase()), "expected {expect:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_images_are_rejected_with_what_and_where() {
+    let (g, sock) = running_guest("dirty wss=8 rate=20000 report=100", "64M");
+    let key = g.path("key");
+    std::fs::write(&key, b"k1").unwrap();
+    let wrong = g.path("wrong");
+    std::fs::write(&wrong, b"k2").unwrap();
+    let full = g.path("full.img");
+    snapshot_ok(&sock, &full, &[]);
+    let len = std::fs::metadata(&full).unwrap().len() as usize;
+
+    let t = g.path("truncated.img");
+    corrupt_copy(&full, &t, |b| b.truncate(len / 2));
+    restore_fails(&t, &[], "");
+    let flip = g.path("flip-chunk.img");
+    corrupt_copy(&full, &flip, |b| b[len / 3] ^= 0x10);
+    restore_fails(&flip, &[], "chunk");
+    let hdr = g.path("flip-header.img");
+    corrupt_copy(&full, &hdr, |b| b[20] ^= 0x01);
+    restore_fails(&hdr, &[], "header");
+    let ver = g.path("version.img");
+    corrupt_copy(&full, &ver, |b| b[8] = 0x7f);
+    restore_fails(&ver, &[], "version");
+    let junk = g.path("junk.img");
+    std::fs::write(&junk, b"definitely not an image").unwrap();
+    restore_fails(&junk, &[], "");
+
+    // Encrypted: no key, wrong key.
+    let enc = g.path("enc.img");
+    snapshot_ok(&sock, &enc, &["--encrypt", "--key-file", key.to_str().unwrap()]);
+    restore_fails(&enc, &[], "key");
+    restore_fails(&enc, &["--key-file", wrong.to_str().unwrap()], "wrong key");
+
+    // Chains: missing parent, mismatched parent.
+    let base = g.path("base.img");
+    snapshot_ok(&sock, &base, &[]);
+    let child = g.path("child.img");
+    snapshot_ok(&sock, &child, &["--parent", base.to_str().unwrap()]);
+    std::fs::rename(&base, g.path("moved.img")).unwrap();
+    restore_fails(&child, &[], "parent");
+    std::fs::copy(&full, &base).unwrap(); // a different image under the parent's name
+    restore_fails(&child, &[], "parent");
+}
+
+#[test]
+fn failed_snapshot_leaves_previous_image_intact() {
+    let (g, sock) = running_guest("dirty wss=8 rate=20000 report=100", "64M");
+    let img = g.path("keep.img");
+    snapshot_ok(&sock, &img, &[]);
+    let before = std::fs::read(&img).unwrap();
+    // Bad request: unknown codec; and an unwritable directory.
+    let o = snapshot(&sock, &img, &["--codec", "bogus"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown codec"));
+    let o = snapshot(&sock, Path::new("/nonexistent-dir/x.img"), &[]);
+    assert!(!o.status.success());
+    assert_eq!(std::fs::read(&img).unwrap(), before, "previous image untouched");
+    assert_eq!(api("status", &sock)["state"], "running", "a failed snapshot leaves the guest running");
+}
+
+#[test]
+fn disk_full_while_writing_keeps_previous_image_and_guest() {
+    // A 16 MiB tmpfs cannot hold a snapshot of 64 MiB of incompressible-enough memory.
+    let mnt = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "ferrytest", mnt.path().to_str().unwrap()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("cannot mount a tmpfs here; skipping");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(mnt.path().to_path_buf());
+    let (_g, sock) = running_guest("dirty wss=8 rate=20000 report=100", "64M");
+    let prev = mnt.path().join("img");
+    std::fs::write(&prev, b"previous image").unwrap();
+    let o = snapshot(&sock, &prev, &["--codec", "none"]);
+    assert!(!o.status.success(), "snapshot to a full disk must fail");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("No space left") || err.contains("space"), "{err}");
+    assert_eq!(std::fs::read(&prev).unwrap(), b"previous image");
+    let leftovers: Vec<_> = std::fs::read_dir(mnt.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "temporary file removed: {leftovers:?}");
+    assert_eq!(api("status", &sock)["state"], "running");
+}
