@@ -579,7 +579,8 @@ impl Bsp {
     fn new(cfg: &Config, khz: u64) -> Self {
         let default_ms = if cfg.mode == Mode::Idle { 1000 } else { 100 };
         Bsp {
-            report_ticks: cfg.report_ms.unwrap_or(default_ms) * khz,
+            // Idle has no passes to wait for: report=0 means every ~1 ms.
+            report_ticks: cfg.report_ms.unwrap_or(default_ms).max((cfg.mode == Mode::Idle) as u64) * khz,
             poll_ticks: khz,
             passes_target: cfg.passes,
             last_poll: rdtsc(),

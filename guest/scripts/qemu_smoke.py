@@ -29,7 +29,8 @@ class Vm:
 
     all = []  # every Vm started, killed after each scenario
 
-    def __init__(self, elf, append, smp=2, mem="256", extra=()):
+    def __init__(self, elf, append, smp=2, mem="256", extra=(), name=""):
+        self.name = name
         self.dir = tempfile.mkdtemp(prefix="ferry-guest-")
         ser, qmp = os.path.join(self.dir, "ser"), os.path.join(self.dir, "qmp")
         cmd = [QEMU, "-accel", "kvm", "-cpu", CPU, "-m", str(mem), "-smp", str(smp),
@@ -73,7 +74,7 @@ class Vm:
                 line, buf = buf.split(b"\n", 1)
                 with self.cv:
                     self.lines.append(line.decode(errors="replace"))
-                    print("   |", self.lines[-1])
+                    print(f"   {self.name}|", self.lines[-1])
                     self.cv.notify_all()
 
     def qemu_output(self):
@@ -223,6 +224,33 @@ def s_crash(elf):
     assert "emulation failure" in vm.qemu_output()
 
 
+def s_migrate(elf):
+    """Loopback live migration: counters continue, memory verifies."""
+    args = "dirty mem=64 wss=16 rate=20000 cpus=2 report=200"
+    src = Vm(elf, args, name="src")
+    dst = Vm(elf, args, extra=("-incoming", "defer"), name="dst")
+    boot_checks(src, 2, "dirty")
+    _, m = src.wait(r"PROGRESS seq=3 ")
+    port = 44000 + os.getpid() % 1000
+    assert "return" in dst.q("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+    src.q("migrate-set-parameters", **{"downtime-limit": 300})
+    assert "return" in src.q("migrate", uri=f"tcp:127.0.0.1:{port}")
+    for _ in range(600):
+        st = src.q("query-migrate")["return"]
+        if st.get("status") in ("completed", "failed"):
+            break
+        time.sleep(0.1)
+    print(f"   migration {st.get('status')}: total {st.get('total-time')} ms, downtime {st.get('downtime')} ms")
+    assert st["status"] == "completed", st
+    last = max(progress(l)["seq"] for l in src.lines if l.startswith("PROGRESS"))
+    _, m = dst.wait(r"PROGRESS seq=(\d+) ", timeout=30)
+    assert int(m[1]) == last + 1, (last, m[0])
+    dst.send("verify\n")
+    dst.wait(r"VERIFY OK pages=16384$", timeout=30)
+    dst.send("exit 0\n")
+    assert dst.exit_code() == 1
+
+
 SCENARIOS = {
     "dirty1": lambda e: s_dirty(e, 1),
     "dirty2": lambda e: s_dirty(e, 2),
@@ -231,6 +259,7 @@ SCENARIOS = {
     "memory": s_verify_memory_cad,
     "exit": s_exit_and_errors,
     "crash": s_crash,
+    "migrate": s_migrate,
 }
 
 

@@ -142,6 +142,10 @@ struct SnapshotArgs {
     /// Most live copy rounds.
     #[arg(long)]
     max_rounds: Option<u32>,
+    /// Final phase: cow (write-protect the last dirty pages with userfaultfd,
+    /// resume, copy in the background) or copy (copy them while paused).
+    #[arg(long, default_value = "cow")]
+    final_phase: String,
     /// Print the statistics as JSON.
     #[arg(long)]
     json: bool,
@@ -251,6 +255,7 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
                 "digest": a.digest,
                 "downtime_ms": a.downtime_ms,
                 "max_rounds": a.max_rounds,
+                "final_phase": a.final_phase,
             });
             let v = api(&a.api_sock, "PUT", "/vm/snapshot", Some(body))?;
             if a.json {

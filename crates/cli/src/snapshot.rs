@@ -53,6 +53,10 @@ pub struct SnapshotRequest {
     /// Most live rounds (default 8).
     #[serde(default)]
     pub max_rounds: Option<u32>,
+    /// Final phase: `cow` (default: write-protect the last dirty pages and
+    /// copy them after resuming) or `copy` (copy them during the pause).
+    #[serde(default)]
+    pub final_phase: Option<String>,
 }
 
 /// An error with its HTTP status.
@@ -87,6 +91,11 @@ pub fn take(h: &VmHandle, req: &SnapshotRequest) -> Result<serde_json::Value, Sn
         other => return Err(SnapError(400, format!("unknown mode {other:?}: use live or pause"))),
     };
     let codec = codec(req)?;
+    let copy_on_write = match req.final_phase.as_deref().unwrap_or("cow") {
+        "cow" => true,
+        "copy" => false,
+        other => return Err(SnapError(400, format!("unknown final_phase {other:?}: use cow or copy"))),
+    };
     let key = match &req.key_file {
         Some(f) => Some(UserKey::from_file(f).map_err(|e| SnapError(400, e.to_string()))?),
         None => None,
@@ -144,6 +153,7 @@ pub fn take(h: &VmHandle, req: &SnapshotRequest) -> Result<serde_json::Value, Sn
         downtime_target: Duration::from_millis(req.downtime_ms.unwrap_or(5)),
         digest: req.digest,
         incremental: parent.is_some(),
+        copy_on_write,
     };
     // From here on the dirty log is consumed: the lineage holds only if this succeeds.
     *lineage = None;
@@ -166,6 +176,7 @@ pub fn take(h: &VmHandle, req: &SnapshotRequest) -> Result<serde_json::Value, Sn
         "pages_per_round": stats.rounds.iter().map(|r| r.pages).collect::<Vec<_>>(),
         "round_details": stats.rounds,
         "stop_reason": stats.stop_reason,
+        "cow": stats.cow,
         "unpopulated_pages_skipped": stats.unpopulated_pages_skipped,
         "zero_pages": stats.zero_pages,
         "zero_pages_skipped": stats.unpopulated_pages_skipped + summary.zero_pages_skipped,

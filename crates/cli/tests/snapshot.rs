@@ -291,3 +291,24 @@ fn disk_full_while_writing_keeps_previous_image_and_guest() {
     assert_eq!(leftovers.len(), 1, "temporary file removed: {leftovers:?}");
     assert_eq!(api("status", &sock)["state"], "running");
 }
+
+#[test]
+fn copy_on_write_final_phase_is_consistent_and_short() {
+    // A guest dirtying 16 MiB at full speed; one live round forces a large
+    // final dirty set, which the copy-on-write phase protects instead of copying.
+    let (g, sock) = running_guest("dirty wss=16 rate=max report=100", "128M");
+    for (phase, name) in [("cow", "cow.img"), ("copy", "copy.img")] {
+        let img = g.path(name);
+        let s = snapshot_ok(&sock, &img, &["--max-rounds", "1", "--final-phase", phase, "--digest"]);
+        let last_round = s["pages_per_round"].as_array().unwrap().last().unwrap().as_u64().unwrap();
+        if phase == "cow" && last_round > 0 {
+            assert_eq!(s["cow"]["protected_pages"].as_u64(), Some(last_round), "{s}");
+        }
+        if phase == "copy" {
+            assert!(s["cow"].is_null(), "{s}");
+        }
+        let (_r, rsock) = restore_paused(&img, &[]);
+        assert_eq!(api("digest", &rsock)["digest"], s["memory_digest"], "{phase}: image equals memory at the pause");
+    }
+    assert_eq!(api("status", &sock)["state"], "running");
+}

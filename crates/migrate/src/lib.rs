@@ -36,6 +36,9 @@ pub enum Error {
     /// An image does not fit the VM or vice versa.
     #[error("{0}")]
     Mismatch(String),
+    /// The copy-on-write phase (userfaultfd write protection) failed.
+    #[error("copy-on-write snapshot: {0}")]
+    Cow(String),
 }
 
 /// Result alias.

@@ -5,6 +5,10 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use ferry_vmm::uffd::{self, Uffd};
 use ferry_vmm::{RamRegion, Vm, VmState};
 use serde::Serialize;
 
@@ -27,6 +31,11 @@ pub struct PrecopyConfig {
     /// Copy only the pages dirtied since dirty logging was last read (an
     /// incremental image over the previous snapshot), instead of all memory.
     pub incremental: bool,
+    /// At the final pause, write-protect the last dirty pages (userfaultfd)
+    /// and resume at once, copying them in the background; a guest write to
+    /// a page not yet copied waits until that page is saved. Keeps the pause
+    /// short when the guest dirties memory faster than it can be copied.
+    pub copy_on_write: bool,
 }
 
 impl Default for PrecopyConfig {
@@ -37,6 +46,7 @@ impl Default for PrecopyConfig {
             downtime_target: Duration::from_millis(5),
             digest: false,
             incremental: false,
+            copy_on_write: true,
         }
     }
 }
@@ -77,6 +87,25 @@ pub struct PrecopyStats {
     pub memory_digest: Option<String>,
     /// Why iteration stopped: converged, max_rounds, not_converging, or paused (stop-the-world).
     pub stop_reason: String,
+    /// Copy-on-write phase, when used.
+    pub cow: Option<CowStats>,
+}
+
+/// The copy-on-write final phase's figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CowStats {
+    /// Pages write-protected at the final pause.
+    pub protected_pages: u64,
+    /// Write-protect ioctls issued during the pause (one per run).
+    pub protect_calls: u64,
+    /// Time spent protecting, inside the pause.
+    pub protect_ms: f64,
+    /// Pages the guest wrote before the background copy reached them (saved from the fault handler).
+    pub faulted_pages: u64,
+    /// Write-protect faults received in all (including pages already saved).
+    pub write_faults: u64,
+    /// Background copy time after the guest resumed.
+    pub background_ms: f64,
 }
 
 /// Bitmap of pages to visit in one region (one bit per page).
@@ -159,6 +188,184 @@ fn round(regions: &[RamRegion], bms: &[Bitmap], sink: &mut dyn PageSink, paused:
     Ok(RoundStats { pages: count(bms), data_pages, zero_pages, ms: ms(t.elapsed()), paused })
 }
 
+/// Runs of set bits: (region index, first page, page count).
+fn runs(bms: &[Bitmap]) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    for (ri, bm) in bms.iter().enumerate() {
+        let mut start: Option<usize> = None;
+        for (wi, &w) in bm.iter().enumerate() {
+            if w == 0 || w == u64::MAX {
+                let bit = w == u64::MAX;
+                match (start, bit) {
+                    (None, true) => start = Some(wi * 64),
+                    (Some(s), false) => {
+                        out.push((ri, s, wi * 64 - s));
+                        start = None;
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            for b in 0..64 {
+                let set = w & (1 << b) != 0;
+                let p = wi * 64 + b;
+                match (start, set) {
+                    (None, true) => start = Some(p),
+                    (Some(s), false) => {
+                        out.push((ri, s, p - s));
+                        start = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(s) = start {
+            out.push((ri, s, bm.len() * 64 - s));
+        }
+    }
+    out
+}
+
+/// The copy-on-write final phase: pages write-protected through userfaultfd
+/// at the pause and saved after the guest resumed.
+struct Cow {
+    uffd: Uffd,
+    protected: Vec<(u64, u64)>,
+    stats: CowStats,
+}
+
+impl Cow {
+    /// Registers guest RAM for write-protect faults and protects the runs of `set`.
+    fn protect(regions: &[RamRegion], set: &[Bitmap]) -> Result<Cow> {
+        let t = Instant::now();
+        let io = |e: std::io::Error| crate::Error::Cow(e.to_string());
+        let uffd = Uffd::new(uffd::FEATURE_PAGEFAULT_FLAG_WP).map_err(io)?;
+        for r in regions {
+            uffd.register(r.host as u64, r.len, uffd::MODE_WP).map_err(io)?;
+        }
+        let mut cow = Cow { uffd, protected: Vec::new(), stats: CowStats::default() };
+        for (ri, first, n) in runs(set) {
+            let start = regions[ri].host as u64 + (first * PAGE) as u64;
+            let len = (n * PAGE) as u64;
+            if let Err(e) = cow.uffd.write_protect(start, len, true) {
+                cow.release();
+                return Err(io(e));
+            }
+            cow.protected.push((start, len));
+            cow.stats.protected_pages += n as u64;
+        }
+        cow.stats.protect_calls = cow.protected.len() as u64;
+        cow.stats.protect_ms = ms(t.elapsed());
+        Ok(cow)
+    }
+
+    /// Unprotects everything still protected and unregisters, so the guest never stays blocked.
+    fn release(&self) {
+        for &(start, len) in &self.protected {
+            let _ = self.uffd.write_protect(start, len, false);
+        }
+    }
+
+    /// Saves every protected page, either in order from this thread or, when
+    /// the guest writes one first, from the fault handler; unprotects as it goes.
+    fn copy_in_background(
+        self,
+        regions: &[RamRegion],
+        set: &[Bitmap],
+        sink: &mut dyn PageSink,
+    ) -> Result<(RoundStats, CowStats)> {
+        let t = Instant::now();
+        let saved: Vec<Bitmap> = set.iter().map(|b| vec![0u64; b.len()]).collect();
+        let shared = Mutex::new((saved, sink, 0u64, 0u64)); // saved, sink, data pages, zero pages
+        let stop = AtomicBool::new(false);
+        let faulted = AtomicU64::new(0);
+        let faults = AtomicU64::new(0);
+        let failure: Mutex<Option<crate::Error>> = Mutex::new(None);
+        let uffd = &self.uffd;
+        let save_page = |g: &mut (Vec<Bitmap>, &mut dyn PageSink, u64, u64), ri: usize, p: usize| -> Result<()> {
+            if g.0[ri][p / 64] & (1 << (p % 64)) != 0 {
+                return Ok(());
+            }
+            let r = &regions[ri];
+            let page = &r.as_slice()[p * PAGE..(p + 1) * PAGE];
+            let gpa = r.gpa + (p * PAGE) as u64;
+            if is_zero(page) {
+                g.1.zero(gpa, 1)?;
+                g.3 += 1;
+            } else {
+                g.1.pages(gpa, page)?;
+                g.2 += 1;
+            }
+            g.0[ri][p / 64] |= 1 << (p % 64);
+            Ok(())
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Acquire) {
+                    let f = match uffd.next_fault(5) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            failure.lock().unwrap().get_or_insert(crate::Error::Cow(e.to_string()));
+                            break;
+                        }
+                    };
+                    faults.fetch_add(1, Ordering::Relaxed);
+                    let addr = f.address & !(PAGE as u64 - 1);
+                    if let Some((ri, r)) =
+                        regions.iter().enumerate().find(|(_, r)| addr >= r.host as u64 && addr < r.host as u64 + r.len)
+                    {
+                        let p = ((addr - r.host as u64) as usize) / PAGE;
+                        let mut g = shared.lock().unwrap();
+                        if set[ri][p / 64] & (1 << (p % 64)) != 0 && g.0[ri][p / 64] & (1 << (p % 64)) == 0 {
+                            if let Err(e) = save_page(&mut g, ri, p) {
+                                failure.lock().unwrap().get_or_insert(e);
+                            }
+                            faulted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    let _ = uffd.write_protect(addr, PAGE as u64, false);
+                }
+            });
+            // Background copy in batches, unprotecting each batch once saved.
+            'outer: for (ri, first, n) in runs(set) {
+                let mut p = first;
+                while p < first + n {
+                    let end = (p + 256).min(first + n);
+                    {
+                        let mut g = shared.lock().unwrap();
+                        for q in p..end {
+                            if let Err(e) = save_page(&mut g, ri, q) {
+                                failure.lock().unwrap().get_or_insert(e);
+                                break 'outer;
+                            }
+                        }
+                    }
+                    let start = regions[ri].host as u64 + (p * PAGE) as u64;
+                    let _ = uffd.write_protect(start, ((end - p) * PAGE) as u64, false);
+                    p = end;
+                }
+            }
+            // Whatever happened, nothing may stay protected.
+            self.release();
+            stop.store(true, Ordering::Release);
+        });
+        for r in regions {
+            let _ = self.uffd.unregister(r.host as u64, r.len);
+        }
+        if let Some(e) = failure.into_inner().unwrap() {
+            return Err(e);
+        }
+        let (_, _, data_pages, zero_pages) = shared.into_inner().unwrap();
+        let mut stats = self.stats;
+        stats.faulted_pages = faulted.load(Ordering::Relaxed);
+        stats.write_faults = faults.load(Ordering::Relaxed);
+        stats.background_ms = ms(t.elapsed());
+        let round = RoundStats { pages: count(set), data_pages, zero_pages, ms: stats.background_ms, paused: false };
+        Ok((round, stats))
+    }
+}
+
 /// Runs a pre-copy of `vm` into `sink` and returns the VM state captured at
 /// the final pause. The guest is running again when this returns (unless it
 /// was paused before), also on error.
@@ -173,6 +380,7 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
     let result = (|| -> Result<VmState> {
         let live = cfg.live && !was_paused;
         let mut pause_start = None;
+        let mut final_set: Option<Vec<Bitmap>> = None;
         if !live {
             vm.pause()?;
             pause_start = Some(Instant::now());
@@ -206,7 +414,7 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
                     let rest = vm.take_dirty_log()?;
                     let merged: Vec<Bitmap> =
                         dirty.iter().zip(&rest).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect()).collect();
-                    stats.rounds.push(round(&regions, &merged, sink, true)?);
+                    final_set = Some(merged);
                     break;
                 }
                 let r = round(&regions, &dirty, sink, false)?;
@@ -221,8 +429,7 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
                     stats.stop_reason = if rounds >= cfg.max_rounds { "max_rounds" } else { "not_converging" }.into();
                     vm.pause()?;
                     pause_start = Some(Instant::now());
-                    let rest = vm.take_dirty_log()?;
-                    stats.rounds.push(round(&regions, &rest, sink, true)?);
+                    final_set = Some(vm.take_dirty_log()?);
                     break;
                 }
             }
@@ -239,11 +446,28 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
             stats.digest_ms = ms(t.elapsed());
         }
         let state = vm.save_state()?;
-        if !was_paused {
-            vm.resume()?;
-        }
-        if let Some(p) = pause_start {
-            stats.pause_ms = ms(p.elapsed());
+        match final_set {
+            Some(set) if cfg.copy_on_write && count(&set) > 0 => {
+                let cow = Cow::protect(&regions, &set)?;
+                vm.resume()?;
+                stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);
+                let (r, cs) = cow.copy_in_background(&regions, &set, sink)?;
+                stats.rounds.push(r);
+                stats.cow = Some(cs);
+            }
+            Some(set) => {
+                stats.rounds.push(round(&regions, &set, sink, true)?);
+                if !was_paused {
+                    vm.resume()?;
+                }
+                stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);
+            }
+            None => {
+                if !was_paused {
+                    vm.resume()?;
+                }
+                stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);
+            }
         }
         Ok(state)
     })();
@@ -298,6 +522,16 @@ mod tests {
         let (d, z) = send(&regions, &[bm], &mut sink).unwrap();
         assert_eq!((d, z), (3, 1));
         assert_eq!(sink.0, vec![(0x1000, 2, true), (0x3000, 1, false), (0x4000, 1, true)]);
+    }
+
+    #[test]
+    fn runs_of_a_bitmap() {
+        let mut bm = vec![0u64; 4];
+        bm[0] = 0b0110;
+        bm[1] = u64::MAX;
+        bm[2] = 1;
+        bm[3] = 1 << 63;
+        assert_eq!(runs(&[bm]), vec![(0, 1, 2), (0, 64, 65), (0, 255, 1)]);
     }
 
     #[test]

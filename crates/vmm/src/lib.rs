@@ -14,6 +14,7 @@ pub mod layout;
 pub mod memory;
 pub mod mptable;
 pub mod state;
+pub mod uffd;
 mod vcpu;
 pub mod vm;
 
