@@ -171,6 +171,7 @@ pub fn take(h: &VmHandle, req: &SnapshotRequest) -> Result<serde_json::Value, Sn
         "total_ms": stats.total_ms,
         "pause_ms": stats.pause_ms,
         "digest_ms": stats.digest_ms,
+        "state_ms": stats.state_ms,
         "memory_digest": stats.memory_digest,
         "rounds": stats.rounds.len(),
         "pages_per_round": stats.rounds.iter().map(|r| r.pages).collect::<Vec<_>>(),

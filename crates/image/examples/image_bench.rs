@@ -1,7 +1,7 @@
 //! Write and read throughput of ferry images, side by side for every codec,
 //! with and without encryption, on semi-compressible guest-like page data.
 //!
-//! cargo run --release -p ferry-image --example image_bench -- [--mib 1024] [--dir /dev/shm] [--threads 0] [--data mixed|text]
+//! cargo run --release -p ferry-image --example image_bench -- [--mib 1024] [--dir /dev/shm] [--threads 0] [--data mixed|text] [--repeat N]
 //!
 //! `mixed` (default): 10% zero, 40% text-like, 30% structured, 20% random pages
 //! (about 1.9x with lz4). `text`: only text-like pages (highly compressible).
@@ -68,12 +68,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if std::path::Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
     let mut threads = 0usize;
     let mut text_only = false;
+    let mut repeat = 1usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--mib" => mib = args.next().ok_or("--mib N")?.parse()?,
             "--dir" => dir = PathBuf::from(args.next().ok_or("--dir D")?),
             "--threads" => threads = args.next().ok_or("--threads N")?.parse()?,
+            "--repeat" => repeat = args.next().ok_or("--repeat N")?.parse()?,
             "--data" => text_only = args.next().ok_or("--data mixed|text")? == "text",
             _ => return Err(format!("unknown argument {a}").into()),
         }
@@ -97,6 +99,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:<8} {:<4} {:>11} {:>11} {:>10} {:>11} {:>6} {:>9}",
         "codec", "enc", "encode GB/s", "write GB/s", "read GB/s", "verify GB/s", "ratio", "file MiB"
     );
+    println!("(encode: writer to a null sink; write: to a file in --dir incl. fsync+rename; read: open + read_memory into RAM; verify: full check; best of {repeat})");
     for codec in [Codec::None, Codec::Lz4, Codec::Zstd { level: 3 }] {
         for enc in [false, true] {
             let path = dir.join(format!("ferry-bench-{}.img", std::process::id()));
@@ -107,37 +110,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             let opts = WriteOptions { codec, key: enc.then(|| key.clone()), threads, ..WriteOptions::default() };
 
-            // The pipeline alone: the same image bytes, written to a null sink.
-            let t = Instant::now();
-            let mut w = ImageWriter::create_stream(Box::new(std::io::sink()), input.clone(), opts.clone())?;
-            for (i, c) in mem.chunks(2 << 20).enumerate() {
-                w.write_pages((i * (2 << 20)) as u64, c)?;
+            // Best of `repeat` runs per measurement: the machine may be shared.
+            let (mut et, mut wt, mut rt, mut vt) = (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
+            let mut summary = None;
+            for _ in 0..repeat {
+                // The pipeline alone: the same image bytes, written to a null sink.
+                let t = Instant::now();
+                let mut w = ImageWriter::create_stream(Box::new(std::io::sink()), input.clone(), opts.clone())?;
+                for (i, c) in mem.chunks(2 << 20).enumerate() {
+                    w.write_pages((i * (2 << 20)) as u64, c)?;
+                }
+                w.finish(b"state", &[])?;
+                et = et.min(t.elapsed().as_secs_f64());
+
+                // To a file: temp file, fsync, rename.
+                let _ = std::fs::remove_file(&path);
+                let t = Instant::now();
+                let mut w = ImageWriter::create(&path, input.clone(), opts.clone())?;
+                for (i, c) in mem.chunks(2 << 20).enumerate() {
+                    w.write_pages((i * (2 << 20)) as u64, c)?;
+                }
+                summary = Some(w.finish(b"state", &[])?);
+                wt = wt.min(t.elapsed().as_secs_f64());
+
+                // Restore: open and replay into a guest-sized buffer.
+                let t = Instant::now();
+                let mut r = ImageReader::open(&path, enc.then_some(&key))?;
+                r.read_memory(|gpa, d| {
+                    restored[gpa as usize..gpa as usize + d.len()].copy_from_slice(d);
+                    Ok(())
+                })?;
+                rt = rt.min(t.elapsed().as_secs_f64());
+                assert!(restored == mem, "restored memory differs");
+                restored.fill(0);
+
+                let t = Instant::now();
+                ImageReader::open(&path, enc.then_some(&key))?.verify()?;
+                vt = vt.min(t.elapsed().as_secs_f64());
             }
-            w.finish(b"state", &[])?;
-            let et = t.elapsed().as_secs_f64();
-
-            // To a file: temp file, fsync, rename.
-            let t = Instant::now();
-            let mut w = ImageWriter::create(&path, input, opts)?;
-            for (i, c) in mem.chunks(2 << 20).enumerate() {
-                w.write_pages((i * (2 << 20)) as u64, c)?;
-            }
-            let s = w.finish(b"state", &[])?;
-            let wt = t.elapsed().as_secs_f64();
-
-            let t = Instant::now();
-            let mut r = ImageReader::open(&path, enc.then_some(&key))?;
-            r.read_memory(|gpa, d| {
-                restored[gpa as usize..gpa as usize + d.len()].copy_from_slice(d);
-                Ok(())
-            })?;
-            let rt = t.elapsed().as_secs_f64();
-            assert!(restored == mem, "restored memory differs");
-            restored.fill(0);
-
-            let t = Instant::now();
-            ImageReader::open(&path, enc.then_some(&key))?.verify()?;
-            let vt = t.elapsed().as_secs_f64();
+            let s = summary.ok_or("--repeat must be at least 1")?;
             std::fs::remove_file(&path)?;
             let name = match codec {
                 Codec::None => "none".to_string(),

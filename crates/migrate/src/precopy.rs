@@ -75,6 +75,8 @@ pub struct PrecopyStats {
     pub pause_ms: f64,
     /// Of the pause, time spent hashing memory for `memory_digest`.
     pub digest_ms: f64,
+    /// Of the pause, time spent capturing vCPU and device state.
+    pub state_ms: f64,
     /// Rounds including the final (paused) one.
     pub rounds: Vec<RoundStats>,
     /// Pages never touched by the guest, skipped without reading them.
@@ -275,28 +277,41 @@ impl Cow {
         sink: &mut dyn PageSink,
     ) -> Result<(RoundStats, CowStats)> {
         let t = Instant::now();
-        let saved: Vec<Bitmap> = set.iter().map(|b| vec![0u64; b.len()]).collect();
-        let shared = Mutex::new((saved, sink, 0u64, 0u64)); // saved, sink, data pages, zero pages
+        // Two locks: `saved` is held only while pages are memcpy'd out of guest
+        // memory (then they may be unprotected and the guest goes on); the
+        // sink lock covers the slower compress-and-write that follows.
+        let saved = Mutex::new(set.iter().map(|b| vec![0u64; b.len()]).collect::<Vec<Bitmap>>());
+        let out = Mutex::new((sink, 0u64, 0u64)); // sink, data pages, zero pages
         let stop = AtomicBool::new(false);
         let faulted = AtomicU64::new(0);
         let faults = AtomicU64::new(0);
         let failure: Mutex<Option<crate::Error>> = Mutex::new(None);
         let uffd = &self.uffd;
-        let save_page = |g: &mut (Vec<Bitmap>, &mut dyn PageSink, u64, u64), ri: usize, p: usize| -> Result<()> {
-            if g.0[ri][p / 64] & (1 << (p % 64)) != 0 {
-                return Ok(());
-            }
+        // Copies the not-yet-saved pages of [first, end) of region ri out of guest memory.
+        let grab = |ri: usize, first: usize, end: usize| -> Vec<(u64, Vec<u8>)> {
+            let mut bm = saved.lock().unwrap();
             let r = &regions[ri];
-            let page = &r.as_slice()[p * PAGE..(p + 1) * PAGE];
-            let gpa = r.gpa + (p * PAGE) as u64;
-            if is_zero(page) {
-                g.1.zero(gpa, 1)?;
-                g.3 += 1;
-            } else {
-                g.1.pages(gpa, page)?;
-                g.2 += 1;
+            let mem = r.as_slice();
+            let mut pages = Vec::new();
+            for p in first..end {
+                if set[ri][p / 64] & (1 << (p % 64)) != 0 && bm[ri][p / 64] & (1 << (p % 64)) == 0 {
+                    pages.push((r.gpa + (p * PAGE) as u64, mem[p * PAGE..(p + 1) * PAGE].to_vec()));
+                    bm[ri][p / 64] |= 1 << (p % 64);
+                }
             }
-            g.0[ri][p / 64] |= 1 << (p % 64);
+            pages
+        };
+        let write = |pages: Vec<(u64, Vec<u8>)>| -> Result<()> {
+            let mut o = out.lock().unwrap();
+            for (gpa, page) in pages {
+                if is_zero(&page) {
+                    o.0.zero(gpa, 1)?;
+                    o.2 += 1;
+                } else {
+                    o.0.pages(gpa, &page)?;
+                    o.1 += 1;
+                }
+            }
             Ok(())
         };
         std::thread::scope(|s| {
@@ -312,37 +327,37 @@ impl Cow {
                     };
                     faults.fetch_add(1, Ordering::Relaxed);
                     let addr = f.address & !(PAGE as u64 - 1);
-                    if let Some((ri, r)) =
-                        regions.iter().enumerate().find(|(_, r)| addr >= r.host as u64 && addr < r.host as u64 + r.len)
-                    {
-                        let p = ((addr - r.host as u64) as usize) / PAGE;
-                        let mut g = shared.lock().unwrap();
-                        if set[ri][p / 64] & (1 << (p % 64)) != 0 && g.0[ri][p / 64] & (1 << (p % 64)) == 0 {
-                            if let Err(e) = save_page(&mut g, ri, p) {
-                                failure.lock().unwrap().get_or_insert(e);
-                            }
-                            faulted.fetch_add(1, Ordering::Relaxed);
+                    let hit =
+                        regions.iter().enumerate().find(|(_, r)| addr >= r.host as u64 && addr < r.host as u64 + r.len);
+                    let pages = match hit {
+                        Some((ri, r)) => {
+                            let p = ((addr - r.host as u64) as usize) / PAGE;
+                            grab(ri, p, p + 1)
+                        }
+                        None => vec![],
+                    };
+                    // The page's old contents are safe in `pages`: let the guest write.
+                    let _ = uffd.write_protect(addr, PAGE as u64, false);
+                    if !pages.is_empty() {
+                        faulted.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = write(pages) {
+                            failure.lock().unwrap().get_or_insert(e);
                         }
                     }
-                    let _ = uffd.write_protect(addr, PAGE as u64, false);
                 }
             });
-            // Background copy in batches, unprotecting each batch once saved.
+            // Background copy in batches, unprotecting each batch once copied out.
             'outer: for (ri, first, n) in runs(set) {
                 let mut p = first;
                 while p < first + n {
-                    let end = (p + 256).min(first + n);
-                    {
-                        let mut g = shared.lock().unwrap();
-                        for q in p..end {
-                            if let Err(e) = save_page(&mut g, ri, q) {
-                                failure.lock().unwrap().get_or_insert(e);
-                                break 'outer;
-                            }
-                        }
-                    }
+                    let end = (p + 64).min(first + n);
+                    let pages = grab(ri, p, end);
                     let start = regions[ri].host as u64 + (p * PAGE) as u64;
                     let _ = uffd.write_protect(start, ((end - p) * PAGE) as u64, false);
+                    if let Err(e) = write(pages) {
+                        failure.lock().unwrap().get_or_insert(e);
+                        break 'outer;
+                    }
                     p = end;
                 }
             }
@@ -356,7 +371,7 @@ impl Cow {
         if let Some(e) = failure.into_inner().unwrap() {
             return Err(e);
         }
-        let (_, _, data_pages, zero_pages) = shared.into_inner().unwrap();
+        let (_, data_pages, zero_pages) = out.into_inner().unwrap();
         let mut stats = self.stats;
         stats.faulted_pages = faulted.load(Ordering::Relaxed);
         stats.write_faults = faults.load(Ordering::Relaxed);
@@ -382,8 +397,8 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
         let mut pause_start = None;
         let mut final_set: Option<Vec<Bitmap>> = None;
         if !live {
-            vm.pause()?;
             pause_start = Some(Instant::now());
+            vm.pause()?;
         }
         // Round 1: everything populated, or what changed since the last snapshot.
         let first: Vec<Bitmap> = if cfg.incremental {
@@ -409,8 +424,8 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
                     // Small enough: leave it for the pause. KVM has cleared
                     // these bits, so stash them for the final round.
                     stats.stop_reason = "converged".into();
-                    vm.pause()?;
                     pause_start = Some(Instant::now());
+                    vm.pause()?;
                     let rest = vm.take_dirty_log()?;
                     let merged: Vec<Bitmap> =
                         dirty.iter().zip(&rest).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect()).collect();
@@ -427,8 +442,8 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
                 prev = n;
                 if rounds >= cfg.max_rounds || (rounds >= 3 && not_converging) {
                     stats.stop_reason = if rounds >= cfg.max_rounds { "max_rounds" } else { "not_converging" }.into();
-                    vm.pause()?;
                     pause_start = Some(Instant::now());
+                    vm.pause()?;
                     final_set = Some(vm.take_dirty_log()?);
                     break;
                 }
@@ -445,7 +460,9 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
             stats.memory_digest = Some(vm.ram().digest().to_hex().to_string());
             stats.digest_ms = ms(t.elapsed());
         }
+        let t_state = Instant::now();
         let state = vm.save_state()?;
+        stats.state_ms = ms(t_state.elapsed());
         match final_set {
             Some(set) if cfg.copy_on_write && count(&set) > 0 => {
                 let cow = Cow::protect(&regions, &set)?;

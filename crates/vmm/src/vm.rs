@@ -143,6 +143,7 @@ pub struct Vm {
     status: VmStatus,
     created: Instant,
     boot_times: Mutex<BootTimes>,
+    msr_list: std::sync::OnceLock<Vec<u32>>,
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -257,15 +258,19 @@ impl Vm {
                 return Err(Error::WrongState { state: "running", what: "pause it before saving its state" });
             }
         }
-        let kvm = open_kvm()?;
         let mut vcpus = Vec::new();
-        let mut msr_list = None;
         for (id, fd) in self.vcpus.iter().enumerate() {
             let fd = fd.lock().unwrap();
-            if msr_list.is_none() {
-                msr_list = Some(persist::saveable_msrs(&kvm, &fd)?);
-            }
-            vcpus.push(persist::save_vcpu(id as u32, &fd, msr_list.as_deref().unwrap_or(&[]))?);
+            // Probing which MSRs KVM can read costs one ioctl per MSR: do it once per VM,
+            // not inside every snapshot's pause.
+            let msrs = match self.msr_list.get() {
+                Some(l) => l,
+                None => {
+                    let l = persist::saveable_msrs(&open_kvm()?, &fd)?;
+                    self.msr_list.get_or_init(|| l)
+                }
+            };
+            vcpus.push(persist::save_vcpu(id as u32, &fd, msrs)?);
         }
         let (pit, clock, irqchips) = persist::save_vm(&self.vm_fd)?;
         Ok(VmState {
@@ -574,6 +579,7 @@ impl Parts {
             status,
             created: process_start,
             boot_times: Mutex::new(BootTimes { setup_done: Some(process_start.elapsed()), ..Default::default() }),
+            msr_list: std::sync::OnceLock::new(),
         })
     }
 }
