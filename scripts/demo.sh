@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # ferry's main job, end to end: boot the test guest, run a memory-dirtying
-# workload, pause/resume it, take the memory digest, verify every page,
-# shut it down gracefully, and print what happened.
+# workload, pause/resume it, take the memory digest, snapshot it live,
+# restore the image in a second VMM and compare digests, verify every page,
+# shut down gracefully, and print what happened.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p ferry
 ferry=target/release/ferry
-work=$(mktemp -d); trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
+work=$(mktemp -d); trap 'kill $pid ${rpid:-} 2>/dev/null || true; rm -rf "$work"' EXIT
 sock=$work/api.sock
 say() { printf '\n== %s\n' "$*"; }
 
@@ -25,7 +26,22 @@ sleep 0.5; $ferry digest --api-sock "$sock" | grep '"digest"'
 say "resume"
 $ferry resume --api-sock "$sock"
 sleep 1; tail -n 1 "$work/serial.log"
-say "ask the guest to verify every page"
+say "live snapshot (the guest keeps running; pause only for the last dirty pages)"
+$ferry snapshot --api-sock "$sock" --out "$work/vm.img" --digest
+say "restore the image in a second ferry, paused: same memory digest as at the snapshot's pause"
+$ferry restore "$work/vm.img" --paused --api-sock "$work/r.sock" --serial "file:$work/restored.log" 2>"$work/restore.log" &
+rpid=$!
+for _ in $(seq 300); do grep -q restored "$work/restore.log" 2>/dev/null && break; sleep 0.1; done
+cat "$work/restore.log"
+$ferry digest --api-sock "$work/r.sock" | grep '"digest"'
+$ferry resume --api-sock "$work/r.sock" >/dev/null
+$ferry console --api-sock "$work/r.sock" verify >/dev/null
+for _ in $(seq 100); do grep -q VERIFY "$work/restored.log" && break; sleep 0.1; done
+echo "restored guest: $(grep VERIFY "$work/restored.log" | tail -n 1)"
+$ferry shutdown --api-sock "$work/r.sock" >/dev/null; wait $rpid || true
+$ferry image inspect "$work/vm.img" | head -n 8
+
+say "ask the original guest to verify every page"
 $ferry console --api-sock "$sock" verify >/dev/null
 for _ in $(seq 100); do grep -q VERIFY "$work/serial.log" && break; sleep 0.1; done
 grep VERIFY "$work/serial.log" | tail -n 1

@@ -96,15 +96,25 @@ impl std::fmt::Display for ExitReason {
     }
 }
 
-/// Timestamps of a boot, for `ferry bench boot`.
+/// Timestamps of a boot, for `ferry bench boot` (serialised as milliseconds).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct BootTimes {
     /// VM, memory and vCPUs created and the kernel loaded.
+    #[serde(rename = "setup_done_ms", serialize_with = "as_ms")]
     pub setup_done: Option<Duration>,
     /// The boot vCPU entered `KVM_RUN` for the first time.
+    #[serde(rename = "first_kvm_run_ms", serialize_with = "as_ms")]
     pub first_kvm_run: Option<Duration>,
     /// The guest wrote the POST port (its first instruction, for the test guest).
+    #[serde(rename = "first_guest_io_ms", serialize_with = "as_ms")]
     pub first_guest_io: Option<Duration>,
+}
+
+fn as_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&(d.as_secs_f64() * 1e3)),
+        None => s.serialize_none(),
+    }
 }
 
 /// A snapshot of what the VM is, for `GET /vm`.
