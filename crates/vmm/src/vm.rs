@@ -90,10 +90,52 @@ impl std::fmt::Display for ExitReason {
             ExitReason::ShutdownForced => write!(f, "guest did not shut down in time; stopped by the host"),
             ExitReason::Crash { vcpu, what, rip, insn } => {
                 let bytes: Vec<String> = insn.iter().map(|b| format!("{b:02x}")).collect();
-                write!(f, "guest crashed on vCPU {vcpu}: {what}; RIP={rip:#x} instruction bytes [{}]", bytes.join(" "))
+                write!(
+                    f,
+                    "guest crashed on vCPU {vcpu}: {what}; RIP={rip:#x} instruction bytes [{}]",
+                    bytes.join(" ")
+                )?;
+                if let Some(name) = name_instruction(insn) {
+                    write!(f, " ({name})")?;
+                }
+                Ok(())
             }
         }
     }
+}
+
+/// Names the instructions software hypervisors are known to stop at, so a
+/// crash report says "lock cmpxchg16b" rather than only bytes.
+pub fn name_instruction(insn: &[u8]) -> Option<String> {
+    let mut i = 0;
+    let mut lock = false;
+    let mut rex_w = false;
+    while let Some(&b) = insn.get(i) {
+        match b {
+            0xf0 => lock = true,
+            0xf2 | 0xf3 | 0x66 | 0x67 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65 => {}
+            0x40..=0x4f => rex_w = b & 0x08 != 0,
+            _ => break,
+        }
+        i += 1;
+    }
+    let op = &insn.get(i..)?;
+    let reg = |m: u8| (m >> 3) & 7;
+    let name = match op {
+        [0xcc, ..] => "int3".to_string(),
+        [0x0f, 0x0b, ..] => "ud2".to_string(),
+        [0x0f, 0xc7, m, ..] if reg(*m) == 1 => if rex_w { "cmpxchg16b" } else { "cmpxchg8b" }.to_string(),
+        [0x0f, 0xae, m, ..] if *m < 0xc0 && reg(*m) == 5 => if rex_w { "xrstor64" } else { "xrstor" }.to_string(),
+        [0x0f, 0xae, m, ..] if *m < 0xc0 && reg(*m) == 4 => if rex_w { "xsave64" } else { "xsave" }.to_string(),
+        [0x0f, 0xc7, m, ..] if *m < 0xc0 && reg(*m) == 4 => "xsavec".to_string(),
+        [0x0f, 0x01, 0xd0, ..] => "xgetbv".to_string(),
+        [0x0f, 0x01, 0xd1, ..] => "xsetbv".to_string(),
+        [0x0f, 0xa2, ..] => "cpuid".to_string(),
+        [0x0f, 0x30, ..] => "wrmsr".to_string(),
+        [0x0f, 0x32, ..] => "rdmsr".to_string(),
+        _ => return None,
+    };
+    Some(if lock { format!("lock {name}") } else { name })
 }
 
 /// Timestamps of a boot, for `ferry bench boot` (serialised as milliseconds).
@@ -637,4 +679,18 @@ fn set_boot_regs(fd: &VcpuFd, rip: u64, mode: EntryMode, boot_info: u64) -> Resu
     }
     fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod insn_tests {
+    use super::name_instruction;
+
+    #[test]
+    fn names_the_instructions_the_emulator_lacks() {
+        assert_eq!(name_instruction(&[0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20]).as_deref(), Some("lock cmpxchg16b"));
+        assert_eq!(name_instruction(&[0x48, 0x0f, 0xae, 0x2f]).as_deref(), Some("xrstor64"));
+        assert_eq!(name_instruction(&[0xcc, 0x90]).as_deref(), Some("int3"));
+        assert_eq!(name_instruction(&[0x90]), None);
+        assert_eq!(name_instruction(&[]), None);
+    }
 }
