@@ -169,3 +169,43 @@ fn guest_export_writes_a_pvh_elf() {
     let mut g = Guest::start(&["--kernel", out.to_str().unwrap(), "--mem", "32M", "--cmdline", "exit=3"]);
     assert_eq!(g.wait_exit(secs(60)).code(), Some(3));
 }
+
+#[test]
+fn serial_to_a_file_and_to_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let spec = format!("file:{}", log.display());
+    let mut g = Guest::start(&["--kernel", "builtin:test", "--mem", "32M", "--cmdline", "exit=5", "--serial", &spec]);
+    assert_eq!(g.wait_exit(secs(60)).code(), Some(5));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("FERRY-GUEST boot"), "{text}");
+
+    // unix:PATH connects to a listening socket, both directions.
+    let sock = dir.path().join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let spec = format!("unix:{}", sock.display());
+    let mut g = Guest::start(&[
+        "--kernel",
+        "builtin:test",
+        "--mem",
+        "32M",
+        "--cmdline",
+        "dirty wss=4 rate=20000 report=50",
+        "--serial",
+        &spec,
+    ]);
+    let (conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(secs(60))).unwrap();
+    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    use std::io::{BufRead, Write};
+    loop {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "console closed");
+        if line.starts_with("PROGRESS") {
+            break;
+        }
+    }
+    (&conn).write_all(b"exit 9\n").unwrap();
+    assert_eq!(g.wait_exit(secs(30)).code(), Some(9));
+}

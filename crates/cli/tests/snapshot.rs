@@ -212,19 +212,26 @@ fn bad_images_are_rejected_with_what_and_where() {
 
     let t = g.path("truncated.img");
     corrupt_copy(&full, &t, |b| b.truncate(len / 2));
-    restore_fails(&t, &[], "");
+    restore_fails(&t, &[], "truncated");
     let flip = g.path("flip-chunk.img");
     corrupt_copy(&full, &flip, |b| b[len / 3] ^= 0x10);
-    restore_fails(&flip, &[], "chunk");
+    restore_fails(&flip, &[], "hash mismatch, the chunk is corrupted");
+    // ...and says which chunk and where.
+    let o = ferry_cmd(&["restore", flip.to_str().unwrap(), "--serial", "none"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("chunk ") && err.contains(" at offset "), "{err}");
     let hdr = g.path("flip-header.img");
     corrupt_copy(&full, &hdr, |b| b[20] ^= 0x01);
-    restore_fails(&hdr, &[], "header");
+    restore_fails(&hdr, &[], "exceeds the file size");
+    let hdr2 = g.path("flip-header-json.img");
+    corrupt_copy(&full, &hdr2, |b| b[80] ^= 0x01);
+    restore_fails(&hdr2, &[], "header");
     let ver = g.path("version.img");
     corrupt_copy(&full, &ver, |b| b[8] = 0x7f);
-    restore_fails(&ver, &[], "version");
+    restore_fails(&ver, &[], "unsupported image format version 127");
     let junk = g.path("junk.img");
     std::fs::write(&junk, b"definitely not an image").unwrap();
-    restore_fails(&junk, &[], "");
+    restore_fails(&junk, &[], "junk.img");
 
     // Encrypted: no key, wrong key.
     let enc = g.path("enc.img");
