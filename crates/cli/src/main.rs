@@ -170,6 +170,20 @@ struct RestoreArgs {
     /// Write restore figures and the run report as JSON here when the VM stops.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Guest memory: `eager` reads it all before the first guest instruction;
+    /// `lazy` starts the guest at once and brings pages in on first touch
+    /// (userfaultfd) while a background thread prefetches the rest.
+    #[arg(long, value_enum, default_value_t = MemoryArg::Eager)]
+    memory: MemoryArg,
+}
+
+/// `--memory` of `ferry restore`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MemoryArg {
+    /// Read everything, then run.
+    Eager,
+    /// Run at once; pages arrive on first touch, with a background prefetch.
+    Lazy,
 }
 
 #[derive(Args)]
@@ -278,7 +292,15 @@ fn print_snapshot(v: &serde_json::Value) {
         println!("  parent           {p}");
     }
     println!("  total            {:.1} ms", f("total_ms"));
-    println!("  guest paused     {:.2} ms", f("pause_ms"));
+    if f("digest_ms") > 0.0 {
+        println!(
+            "  guest paused     {:.2} ms ({:.2} ms of it hashing memory for --digest)",
+            f("pause_ms"),
+            f("digest_ms")
+        );
+    } else {
+        println!("  guest paused     {:.2} ms", f("pause_ms"));
+    }
     println!(
         "  rounds           {} ({}), pages per round {}",
         v["rounds"],
@@ -357,7 +379,7 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         serial_out: out,
     };
     let vm = Arc::new(Vm::boot(cfg, start)?);
-    serve_vm(VmHandle { vm, lineage: Mutex::new(None) }, api, input, args.report.as_deref(), None)
+    serve_vm(VmHandle { vm, lineage: Mutex::new(None), memory_ready: None }, api, input, args.report.as_deref(), None)
 }
 
 fn restore(a: RestoreArgs, start: Instant) -> Result<u8> {
@@ -370,30 +392,69 @@ fn restore(a: RestoreArgs, start: Instant) -> Result<u8> {
         Some(f) => Some(ferry_image::UserKey::from_file(f)?),
         None => None,
     };
-    let opts =
-        ferry_migrate::RestoreOptions { key: key.as_ref(), paused: a.paused, serial_out: out, process_start: start };
-    let (vm, stats) = ferry_migrate::restore_from_image(&a.image, opts)
+    let memory = match a.memory {
+        MemoryArg::Eager => ferry_migrate::MemoryMode::Eager,
+        MemoryArg::Lazy => ferry_migrate::MemoryMode::Lazy,
+    };
+    let opts = ferry_migrate::RestoreOptions {
+        key: key.as_ref(),
+        paused: a.paused,
+        serial_out: out,
+        process_start: start,
+        memory,
+    };
+    let restored = ferry_migrate::restore_from_image(&a.image, opts)
         .with_context(|| format!("restoring {}", a.image.display()))?;
-    eprintln!(
-        "ferry: restored {} (chain of {}, root {}): {} MiB of data in {:.1} ms ({:.2} GB/s), ready {:.1} ms after start{}",
-        a.image.display(),
-        stats.chain_len,
-        stats.root_hash,
-        stats.data_bytes >> 20,
-        stats.memory_ms,
-        stats.memory_gb_per_s,
-        stats.ready_ms,
-        if a.paused { ", paused" } else { "" }
-    );
+    let (vm, stats, lazy) = (restored.vm, restored.stats, restored.lazy);
+    let first = match stats.first_instruction_ms {
+        Some(t) => format!("first guest instruction {t:.1} ms after start"),
+        None => format!("ready {:.1} ms after start, paused", stats.ready_ms),
+    };
+    match memory {
+        ferry_migrate::MemoryMode::Eager => eprintln!(
+            "ferry: restored {} (chain of {}, root {}, memory eager): {} MiB of data in {:.1} ms ({:.2} GB/s, {} threads), {first}",
+            a.image.display(),
+            stats.chain_len,
+            stats.root_hash,
+            stats.data_bytes >> 20,
+            stats.memory_ms,
+            stats.memory_gb_per_s,
+            stats.fill_threads,
+        ),
+        ferry_migrate::MemoryMode::Lazy => eprintln!(
+            "ferry: restored {} (chain of {}, root {}, memory lazy: on first touch, prefetching), {first}",
+            a.image.display(),
+            stats.chain_len,
+            stats.root_hash,
+        ),
+    }
     let root = stats.root_hash.parse().ok();
-    let restore_json = serde_json::to_value(&stats)?;
-    serve_vm(
-        VmHandle { vm: Arc::new(vm), lineage: Mutex::new(root) },
-        api,
-        input,
-        a.report.as_deref(),
-        Some(restore_json),
-    )
+    let restore_json = || {
+        let mut j = serde_json::to_value(&stats).unwrap_or_default();
+        if let Some(l) = &lazy {
+            j["lazy"] = serde_json::to_value(l.stats()).unwrap_or_default();
+        }
+        j
+    };
+    let memory_ready = lazy.as_ref().map(|l| l.completion());
+    let handle = VmHandle { vm, lineage: Mutex::new(root), memory_ready };
+    let code = serve_vm(handle, api, input, a.report.as_deref(), Some(&restore_json))?;
+    if let Some(l) = lazy {
+        let s = l.finish();
+        let prefetch = match (s.prefetch_ms, s.prefetch_gb_per_s) {
+            (Some(t), Some(r)) => format!("prefetched {} pages in {t:.1} ms ({r:.2} GB/s)", s.pages_prefetched),
+            _ => format!("prefetch stopped after {} pages", s.pages_prefetched),
+        };
+        eprintln!(
+            "ferry: lazy memory: {prefetch}; {} faults brought in {} pages and {} zero pages",
+            s.faults, s.pages_faulted, s.zero_pages_faulted
+        );
+        if let Some(e) = s.error {
+            eprintln!("ferry: error: restoring {}: {e}", a.image.display());
+            return Ok(1);
+        }
+    }
+    Ok(code)
 }
 
 /// Serves the API and the console of a running VM until it stops.
@@ -402,7 +463,7 @@ fn serve_vm(
     api: Option<(std::os::unix::net::UnixListener, api::ApiServer)>,
     input: Option<Box<dyn Read + Send>>,
     report: Option<&Path>,
-    restore: Option<serde_json::Value>,
+    restore: Option<&dyn Fn() -> serde_json::Value>,
 ) -> Result<u8> {
     let handle = Arc::new(handle);
     let vm = handle.vm.clone();
@@ -433,7 +494,7 @@ fn serve_vm(
     if let Some(path) = report {
         let mut report = serde_json::to_value(bench::RunReport::collect(&vm, &reason))?;
         if let Some(r) = restore {
-            report["restore"] = r;
+            report["restore"] = r();
         }
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing report {}", path.display()))?;

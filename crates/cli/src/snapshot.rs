@@ -21,7 +21,13 @@ pub struct VmHandle {
     /// snapshot, or the image it was restored from), while the dirty log has
     /// tracked every write since. `None` means an incremental snapshot is impossible.
     pub lineage: Mutex<Option<Hash32>>,
+    /// For a lazily restored VM: done once every page is in place. Until
+    /// then a page not yet populated is not a zero page, so snapshots wait.
+    pub memory_ready: Option<ferry_migrate::LazyCompletion>,
 }
+
+/// How long a snapshot waits for a lazy restore to finish bringing memory in.
+const LAZY_WAIT: Duration = Duration::from_secs(120);
 
 /// Body of `PUT /vm/snapshot`.
 #[derive(Debug, Deserialize, Serialize, Clone)]
@@ -104,6 +110,14 @@ pub fn take(h: &VmHandle, req: &SnapshotRequest) -> Result<serde_json::Value, Sn
     if vm.status().state == "stopped" {
         return Err(SnapError(409, "VM has stopped".into()));
     }
+    if let Some(ready) = &h.memory_ready {
+        if !ready.wait(LAZY_WAIT) {
+            return Err(SnapError(
+                409,
+                format!("guest memory is still being restored lazily after {} s; try again later", LAZY_WAIT.as_secs()),
+            ));
+        }
+    }
     // Holding the lineage lock serialises snapshots.
     let mut lineage = h.lineage.lock().unwrap();
     let parent = match &req.parent {
@@ -178,6 +192,7 @@ pub fn take(h: &VmHandle, req: &SnapshotRequest) -> Result<serde_json::Value, Sn
         "round_details": stats.rounds,
         "stop_reason": stats.stop_reason,
         "cow": stats.cow,
+        "cow_fallback": stats.cow_fallback,
         "unpopulated_pages_skipped": stats.unpopulated_pages_skipped,
         "zero_pages": stats.zero_pages,
         "zero_pages_skipped": stats.unpopulated_pages_skipped + summary.zero_pages_skipped,

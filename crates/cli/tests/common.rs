@@ -203,3 +203,30 @@ pub fn raw_http(sock: &Path, req: &[u8]) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// A running test guest with an API socket.
+pub fn running_guest(cmdline: &str, mem: &str) -> (Guest, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut g = Guest::start_in(
+        dir,
+        &["--kernel", "builtin:test", "--mem", mem, "--cmdline", cmdline, "--api-sock", sock.to_str().unwrap()],
+    );
+    g.wait_line("PROGRESS", secs(60));
+    wait_sock(&sock);
+    (g, sock)
+}
+
+/// `ferry snapshot --json` with extra flags; returns the raw output.
+pub fn snapshot(sock: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["snapshot", "--api-sock", sock.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    ferry_cmd(&args)
+}
+
+/// A snapshot that must succeed; returns its statistics.
+pub fn snapshot_ok(sock: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let o = snapshot(sock, out, extra);
+    assert!(o.status.success(), "snapshot failed: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}

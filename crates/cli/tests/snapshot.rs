@@ -4,32 +4,6 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Output;
-
-/// A running test guest with an API socket.
-fn running_guest(cmdline: &str, mem: &str) -> (Guest, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let mut g = Guest::start_in(
-        dir,
-        &["--kernel", "builtin:test", "--mem", mem, "--cmdline", cmdline, "--api-sock", sock.to_str().unwrap()],
-    );
-    g.wait_line("PROGRESS", secs(60));
-    wait_sock(&sock);
-    (g, sock)
-}
-
-fn snapshot(sock: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["snapshot", "--api-sock", sock.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"];
-    args.extend_from_slice(extra);
-    ferry_cmd(&args)
-}
-
-fn snapshot_ok(sock: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
-    let o = snapshot(sock, out, extra);
-    assert!(o.status.success(), "snapshot failed: {}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
-}
 
 /// Restores `img` paused and returns the guest and its API socket.
 fn restore_paused(img: &Path, extra: &[&str]) -> (Guest, PathBuf) {

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::export::{CpuRegs, MemorySource};
 use crate::hash::Hash32;
 use crate::header::RamRange;
-use crate::pagemap::{fill, PageMap};
+use crate::pagemap::{fill, PageMap, Src};
 use crate::reader::{check_in_ram, ImageReader, RunData, VerifyReport};
 
 /// Longest chain followed before assuming a cycle of parent hints.
@@ -22,6 +22,18 @@ pub const MAX_CHAIN_LEN: usize = 256;
 pub struct ImageChain {
     images: Vec<ImageReader>,
     map: Option<PageMap>,
+    finals: Option<FinalIndex>,
+}
+
+/// For each chunk of the chain (members root first, chunks in file order),
+/// the extents of guest memory whose final contents it holds.
+struct FinalIndex {
+    /// Global chunk number of each member's first chunk (plus the total at the end).
+    member_first: Vec<usize>,
+    /// `extents[starts[g]..starts[g + 1]]` belong to global chunk `g`.
+    starts: Vec<usize>,
+    /// (guest-physical address, pages, first page within the chunk's decoded data).
+    extents: Vec<(u64, u32, u32)>,
 }
 
 /// Opens the image at `path` and all its ancestors; see [`ImageChain::open`].
@@ -77,7 +89,7 @@ impl ImageChain {
             images.push(p);
         }
         images.reverse();
-        Ok(ImageChain { images, map: None })
+        Ok(ImageChain { images, map: None, finals: None })
     }
 
     /// The members, full image first, the opened image last.
@@ -126,9 +138,8 @@ impl ImageChain {
         Ok(())
     }
 
-    /// Reads the chain's resulting memory at `gpa` (page aligned) by random access.
-    pub fn read_at(&mut self, gpa: u64, buf: &mut [u8]) -> Result<()> {
-        check_in_ram(self.ranges(), gpa, buf.len() as u64)?;
+    /// Builds the resolved page map on first use.
+    fn build_map(&mut self) {
         if self.map.is_none() {
             let mut m = PageMap::default();
             for (im, img) in self.images.iter().enumerate() {
@@ -138,9 +149,93 @@ impl ImageChain {
             }
             self.map = Some(m);
         }
+    }
+
+    /// Reads the chain's resulting memory at `gpa` (page aligned) by random access.
+    pub fn read_at(&mut self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        check_in_ram(self.ranges(), gpa, buf.len() as u64)?;
+        self.build_map();
         let map = self.map.as_ref().expect("built above");
         let mut decs: Vec<_> = self.images.iter_mut().map(|r| &mut r.dec).collect();
         fill(map, &mut decs, gpa, buf)
+    }
+
+    /// Number of chunks over all members: the numbering of [`ImageChain::read_final_chunk`]
+    /// (the root's chunks first, each member's in file order).
+    pub fn chunk_count(&self) -> usize {
+        self.images.iter().map(|i| i.dec.chunks.len()).sum()
+    }
+
+    /// Builds the index of final contents per chunk on first use.
+    fn build_finals(&mut self) {
+        if self.finals.is_some() {
+            return;
+        }
+        self.build_map();
+        let mut member_first = Vec::with_capacity(self.images.len() + 1);
+        let mut total = 0usize;
+        for img in &self.images {
+            member_first.push(total);
+            total += img.dec.chunks.len();
+        }
+        member_first.push(total);
+        let end_page = self.ranges().iter().map(|r| r.end()).max().unwrap_or(0) / crate::header::PAGE_SIZE;
+        let map = self.map.as_ref().expect("built above");
+        let mut all: Vec<(usize, u32, u64, u32)> = map
+            .query(0, end_page)
+            .into_iter()
+            .filter_map(|(p, n, src)| match src {
+                Src::Zero => None,
+                Src::Data { image, chunk, page } => {
+                    Some((member_first[image as usize] + chunk as usize, page, p * crate::header::PAGE_SIZE, n as u32))
+                }
+            })
+            .collect();
+        all.sort_unstable();
+        let mut starts = vec![0usize; total + 1];
+        for &(g, ..) in &all {
+            starts[g + 1] += 1;
+        }
+        for g in 0..total {
+            starts[g + 1] += starts[g];
+        }
+        let extents = all.into_iter().map(|(_, page, gpa, n)| (gpa, n, page)).collect();
+        self.finals = Some(FinalIndex { member_first, starts, extents });
+    }
+
+    /// Pages whose final contents are recorded as data (not as zero runs):
+    /// what a restore has to write.
+    pub fn final_data_pages(&mut self) -> u64 {
+        self.build_finals();
+        self.finals.as_ref().expect("built above").extents.iter().map(|e| u64::from(e.1)).sum()
+    }
+
+    /// Reads, checks and decodes chunk `index` of the chain (see
+    /// [`ImageChain::chunk_count`]) and visits the extents of guest memory
+    /// whose final contents it holds, as (guest-physical address, bytes).
+    /// Pages that a later record overrides are left out, so the chunks'
+    /// extents are disjoint and can be applied in any order, by several
+    /// chain handles in parallel, to zero-filled memory. The chunk is checked
+    /// even when none of its pages are final.
+    pub fn read_final_chunk(&mut self, index: usize, mut visit: impl FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+        self.build_finals();
+        let f = self.finals.as_ref().expect("built above");
+        if index >= *f.member_first.last().unwrap_or(&0) {
+            return Err(Error::InvalidArgument(format!("chunk {index} does not exist in this chain")));
+        }
+        let image = f.member_first.partition_point(|&s| s <= index) - 1;
+        let chunk = (index - f.member_first[image]) as u32;
+        let dec = &mut self.images[image].dec;
+        let data = dec.load(chunk)?;
+        for &(gpa, n, page) in &f.extents[f.starts[index]..f.starts[index + 1]] {
+            let from = page as usize * crate::header::PAGE_SIZE as usize;
+            let len = n as usize * crate::header::PAGE_SIZE as usize;
+            match data.get(from..from + len) {
+                Some(d) => visit(gpa, d)?,
+                None => return Err(dec.corrupt(chunk, "run extends past the chunk's data")),
+            }
+        }
+        Ok(())
     }
 
     /// The chain's resulting contents of one page.

@@ -7,23 +7,25 @@
 
 #![deny(missing_docs)]
 
+pub mod lazy;
 pub mod precopy;
 pub mod regs;
 pub mod restore;
 pub mod sink;
 
+pub use lazy::{LazyCompletion, LazyRestore, LazyStats};
 pub use precopy::{precopy, PrecopyConfig, PrecopyStats, RoundStats};
-pub use restore::{restore_from_image, RestoreOptions, RestoreStats};
+pub use restore::{restore_from_image, MemoryMode, RestoreOptions, RestoreStats, Restored};
 pub use sink::PageSink;
 
 /// Errors of the engine and of restore.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The VM refused an operation.
-    #[error("VM: {0}")]
+    #[error(transparent)]
     Vm(#[from] ferry_vmm::Error),
     /// The image layer failed.
-    #[error("image: {0}")]
+    #[error(transparent)]
     Image(#[from] ferry_image::Error),
     /// The serialised VM state could not be encoded or decoded.
     #[error("VM state in {where_}: {source}")]
@@ -36,6 +38,14 @@ pub enum Error {
     /// An image does not fit the VM or vice versa.
     #[error("{0}")]
     Mismatch(String),
+    /// Lazy restore (userfaultfd) could not be set up, or a page could not be supplied.
+    #[error("lazy restore of {path}: {what}")]
+    Lazy {
+        /// The image.
+        path: String,
+        /// What failed.
+        what: String,
+    },
     /// The copy-on-write phase (userfaultfd write protection) failed.
     #[error("copy-on-write snapshot: {0}")]
     Cow(String),

@@ -91,6 +91,8 @@ pub struct PrecopyStats {
     pub stop_reason: String,
     /// Copy-on-write phase, when used.
     pub cow: Option<CowStats>,
+    /// Why the copy-on-write phase was not possible and the final pages were copied while paused.
+    pub cow_fallback: Option<String>,
 }
 
 /// The copy-on-write final phase's figures.
@@ -464,14 +466,23 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
         let state = vm.save_state()?;
         stats.state_ms = ms(t_state.elapsed());
         match final_set {
-            Some(set) if cfg.copy_on_write && count(&set) > 0 => {
-                let cow = Cow::protect(&regions, &set)?;
-                vm.resume()?;
-                stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);
-                let (r, cs) = cow.copy_in_background(&regions, &set, sink)?;
-                stats.rounds.push(r);
-                stats.cow = Some(cs);
-            }
+            Some(set) if cfg.copy_on_write && count(&set) > 0 => match Cow::protect(&regions, &set) {
+                Ok(cow) => {
+                    vm.resume()?;
+                    stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);
+                    let (r, cs) = cow.copy_in_background(&regions, &set, sink)?;
+                    stats.rounds.push(r);
+                    stats.cow = Some(cs);
+                }
+                Err(e) => {
+                    // Guest RAM may already be registered with another userfaultfd
+                    // (a lazy restore still prefetching): copy while paused instead.
+                    stats.cow_fallback = Some(e.to_string());
+                    stats.rounds.push(round(&regions, &set, sink, true)?);
+                    vm.resume()?;
+                    stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);
+                }
+            },
             Some(set) => {
                 stats.rounds.push(round(&regions, &set, sink, true)?);
                 if !was_paused {
