@@ -280,7 +280,9 @@ fn copy_on_write_final_phase_is_consistent_and_short() {
     let (g, sock) = running_guest("dirty wss=16 rate=max report=100", "128M");
     for (phase, name) in [("cow", "cow.img"), ("copy", "copy.img")] {
         let img = g.path(name);
-        let s = snapshot_ok(&sock, &img, &["--max-rounds", "1", "--final-phase", phase, "--digest"]);
+        // --downtime-ms 0: no pause budget, so any final dirty set goes through copy-on-write.
+        let s =
+            snapshot_ok(&sock, &img, &["--max-rounds", "1", "--downtime-ms", "0", "--final-phase", phase, "--digest"]);
         let last_round = s["pages_per_round"].as_array().unwrap().last().unwrap().as_u64().unwrap();
         if phase == "cow" && last_round > 0 {
             assert_eq!(s["cow"]["protected_pages"].as_u64(), Some(last_round), "{s}");

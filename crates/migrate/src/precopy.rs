@@ -31,10 +31,12 @@ pub struct PrecopyConfig {
     /// Copy only the pages dirtied since dirty logging was last read (an
     /// incremental image over the previous snapshot), instead of all memory.
     pub incremental: bool,
-    /// At the final pause, write-protect the last dirty pages (userfaultfd)
-    /// and resume at once, copying them in the background; a guest write to
-    /// a page not yet copied waits until that page is saved. Keeps the pause
-    /// short when the guest dirties memory faster than it can be copied.
+    /// When the last dirty set is larger than the pause budget allows to copy,
+    /// write-protect it (userfaultfd) at the final pause and resume at once,
+    /// copying it in the background; a guest write to a page not yet copied
+    /// waits until that page is saved. Keeps the pause short when the guest
+    /// dirties memory faster than it can be copied. A set that fits the
+    /// budget is copied while paused either way.
     pub copy_on_write: bool,
 }
 
@@ -235,6 +237,7 @@ fn runs(bms: &[Bitmap]) -> Vec<(usize, usize, usize)> {
 struct Cow {
     uffd: Uffd,
     protected: Vec<(u64, u64)>,
+    registered: Vec<(u64, u64)>,
     stats: CowStats,
 }
 
@@ -244,11 +247,22 @@ impl Cow {
         let t = Instant::now();
         let io = |e: std::io::Error| crate::Error::Cow(e.to_string());
         let uffd = Uffd::new(uffd::FEATURE_PAGEFAULT_FLAG_WP).map_err(io)?;
-        for r in regions {
-            uffd.register(r.host as u64, r.len, uffd::MODE_WP).map_err(io)?;
+        let all = runs(set);
+        // Register only the span the protected runs cover in each region:
+        // registering (and later unregistering) all of guest RAM costs time
+        // in proportion to RAM size, and the vCPU waits on it.
+        let mut registered = Vec::new();
+        for (ri, r) in regions.iter().enumerate() {
+            let mine: Vec<_> = all.iter().filter(|x| x.0 == ri).collect();
+            if let (Some(a), Some(z)) = (mine.first(), mine.last()) {
+                let start = r.host as u64 + (a.1 * PAGE) as u64;
+                let len = ((z.1 + z.2 - a.1) * PAGE) as u64;
+                uffd.register(start, len, uffd::MODE_WP).map_err(io)?;
+                registered.push((start, len));
+            }
         }
-        let mut cow = Cow { uffd, protected: Vec::new(), stats: CowStats::default() };
-        for (ri, first, n) in runs(set) {
+        let mut cow = Cow { uffd, protected: Vec::new(), registered, stats: CowStats::default() };
+        for (ri, first, n) in all {
             let start = regions[ri].host as u64 + (first * PAGE) as u64;
             let len = (n * PAGE) as u64;
             if let Err(e) = cow.uffd.write_protect(start, len, true) {
@@ -367,8 +381,8 @@ impl Cow {
             self.release();
             stop.store(true, Ordering::Release);
         });
-        for r in regions {
-            let _ = self.uffd.unregister(r.host as u64, r.len);
+        for &(start, len) in &self.registered {
+            let _ = self.uffd.unregister(start, len);
         }
         if let Some(e) = failure.into_inner().unwrap() {
             return Err(e);
@@ -414,10 +428,10 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
         };
         let r1 = round(&regions, &first, sink, !live)?;
         let mut rate_pages_per_ms = (r1.pages as f64 / r1.ms.max(0.001)).max(1.0);
+        let budget_pages = |rate: f64| (rate * ms(cfg.downtime_target)) as u64;
         stats.rounds.push(r1);
         stats.stop_reason = "paused".into();
         if live {
-            let budget_pages = |rate: f64| (rate * ms(cfg.downtime_target)) as u64;
             let mut prev = u64::MAX;
             loop {
                 let dirty = vm.take_dirty_log()?;
@@ -466,23 +480,27 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
         let state = vm.save_state()?;
         stats.state_ms = ms(t_state.elapsed());
         match final_set {
-            Some(set) if cfg.copy_on_write && count(&set) > 0 => match Cow::protect(&regions, &set) {
-                Ok(cow) => {
-                    vm.resume()?;
-                    stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);
-                    let (r, cs) = cow.copy_in_background(&regions, &set, sink)?;
-                    stats.rounds.push(r);
-                    stats.cow = Some(cs);
+            // Copy-on-write only pays when the last dirty set would not fit the
+            // pause budget: it costs the guest write faults and the protect calls.
+            Some(set) if cfg.copy_on_write && count(&set) > budget_pages(rate_pages_per_ms) => {
+                match Cow::protect(&regions, &set) {
+                    Ok(cow) => {
+                        vm.resume()?;
+                        stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);
+                        let (r, cs) = cow.copy_in_background(&regions, &set, sink)?;
+                        stats.rounds.push(r);
+                        stats.cow = Some(cs);
+                    }
+                    Err(e) => {
+                        // Guest RAM may already be registered with another userfaultfd
+                        // (a lazy restore still prefetching): copy while paused instead.
+                        stats.cow_fallback = Some(e.to_string());
+                        stats.rounds.push(round(&regions, &set, sink, true)?);
+                        vm.resume()?;
+                        stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);
+                    }
                 }
-                Err(e) => {
-                    // Guest RAM may already be registered with another userfaultfd
-                    // (a lazy restore still prefetching): copy while paused instead.
-                    stats.cow_fallback = Some(e.to_string());
-                    stats.rounds.push(round(&regions, &set, sink, true)?);
-                    vm.resume()?;
-                    stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);
-                }
-            },
+            }
             Some(set) => {
                 stats.rounds.push(round(&regions, &set, sink, true)?);
                 if !was_paused {
