@@ -147,16 +147,11 @@ fn snapshot_of_a_lazily_restored_guest_works_while_it_prefetches() {
     let img = g.path("a.img");
     snapshot_digest(&sock, &img, &[]);
     let (_r, rsock, _report) = restore(&img, "lazy", &[]);
-    // At once, while the prefetch may still own guest RAM's userfaultfd: the
-    // copy-on-write phase falls back to copying while paused, never fails.
+    // At once, while the prefetch may still be bringing memory in: the
+    // snapshot waits for it (unpopulated pages are not zero yet) and the
+    // image must hold exactly the memory at its pause.
     let again = g.path("b.img");
     let s = snapshot_ok(&rsock, &again, &["--max-rounds", "1", "--digest"]);
-    assert!(
-        s["cow"].is_object()
-            || s["cow_fallback"].is_string()
-            || s["pages_per_round"].as_array().unwrap().last() == Some(&0.into()),
-        "{s}"
-    );
     let (_q, qsock) = {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("q.sock");

@@ -186,9 +186,9 @@ pub fn restore_from_image(path: &Path, opts: RestoreOptions) -> Result<Restored>
         l.attach(&vm);
     }
     let mut start = || -> Result<()> {
-        // Track writes from the first guest instruction on, so the next
-        // snapshot of this VM can be incremental over the image it came from.
-        vm.set_dirty_logging(true)?;
+        // Vm::restore creates the memory slots with dirty logging on, so the
+        // next snapshot of this VM can be incremental over the image it came
+        // from; clear whatever the fill may have left in the log.
         vm.take_dirty_log()?;
         stats.ready_ms = ms(opts.process_start.elapsed());
         if !opts.paused {

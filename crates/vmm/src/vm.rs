@@ -219,7 +219,7 @@ impl Vm {
     /// Creates the VM, loads the kernel and starts all vCPUs.
     /// `process_start` anchors the boot timestamps.
     pub fn boot(config: VmConfig, process_start: Instant) -> Result<Vm, Error> {
-        let parts = Parts::new(config.mem_bytes, config.vcpus)?;
+        let parts = Parts::new(config.mem_bytes, config.vcpus, false)?;
         let entry = boot::load(
             &parts.ram,
             &BootConfig {
@@ -270,7 +270,9 @@ impl Vm {
             )));
         }
         let count = state.vcpus.len() as u32;
-        let parts = Parts::new(state.mem_bytes, count)?;
+        // Restored VMs log dirty pages from the start (their next snapshot can
+        // be incremental), so the slots are created with logging on.
+        let parts = Parts::new(state.mem_bytes, count, true)?;
         fill(&parts.ram)?;
         let vm = parts.finish(
             count,
@@ -547,7 +549,7 @@ struct Parts {
 }
 
 impl Parts {
-    fn new(mem_bytes: u64, vcpus: u32) -> Result<Parts, Error> {
+    fn new(mem_bytes: u64, vcpus: u32, log_dirty: bool) -> Result<Parts, Error> {
         if vcpus == 0 || vcpus > MAX_CPUS {
             return Err(Error::InvalidVcpuCount { count: vcpus, max: MAX_CPUS });
         }
@@ -563,7 +565,7 @@ impl Parts {
         for (slot, r) in ram.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
                 guest_phys_addr: r.gpa,
                 memory_size: r.len,
                 userspace_addr: r.host as u64,
