@@ -236,6 +236,23 @@ impl Uffd {
 mod tests {
     use super::*;
 
+    /// A fresh private anonymous mapping of `len` bytes.
+    fn anon(len: usize) -> u64 {
+        // SAFETY: a new mapping nothing else refers to; tests unmap it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        p as u64
+    }
+
     #[test]
     fn message_layout_matches_the_kernel() {
         assert_eq!(std::mem::size_of::<Msg>(), 32);
@@ -256,17 +273,7 @@ mod tests {
             return;
         };
         let len = 4 * 4096;
-        // SAFETY: fresh anonymous mapping.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        } as u64;
+        let p = anon(len);
         u.register(p, len as u64, MODE_MISSING).unwrap();
         let u = std::sync::Arc::new(u);
         let h = {
@@ -299,17 +306,7 @@ mod tests {
             return;
         };
         let len = 2 * 4096;
-        // SAFETY: fresh anonymous mapping, populated below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        } as u64;
+        let p = anon(len);
         // SAFETY: inside the mapping.
         unsafe { std::ptr::write_bytes(p as *mut u8, 1, len) };
         u.register(p, len as u64, MODE_WP).unwrap();
