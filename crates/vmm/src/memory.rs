@@ -37,13 +37,6 @@ impl RamRegion {
         unsafe { std::slice::from_raw_parts(self.host, self.len as usize) }
     }
 
-    /// The region as a mutable byte slice, for restore paths that own a paused guest.
-    #[allow(clippy::mut_from_ref)]
-    pub fn as_mut_slice(&self) -> &mut [u8] {
-        // SAFETY: as above; callers only use this while vCPUs are stopped.
-        unsafe { std::slice::from_raw_parts_mut(self.host, self.len as usize) }
-    }
-
     /// One past the last guest-physical address.
     pub fn end(&self) -> u64 {
         self.gpa + self.len
