@@ -295,3 +295,40 @@ fn copy_on_write_final_phase_is_consistent_and_short() {
     }
     assert_eq!(api("status", &sock)["state"], "running");
 }
+
+#[test]
+fn inspect_and_verify_report_keys_and_corruption() {
+    let (g, sock) = running_guest("dirty wss=8 rate=20000 report=100", "64M");
+    let key = g.path("key");
+    std::fs::write(&key, b"inspect key").unwrap();
+    let enc = g.path("enc.img");
+    snapshot_ok(&sock, &enc, &["--encrypt", "--key-file", key.to_str().unwrap()]);
+    // Without the key: the public header only, no registers.
+    let o = ferry_cmd(&["image", "inspect", enc.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["header"]["encryption"].is_object(), "{v}");
+    assert_eq!(v["vcpus"].as_array().map(|a| a.len()), Some(0), "no registers without the key: {v}");
+    // With it: registers.
+    let o = ferry_cmd(&["image", "inspect", enc.to_str().unwrap(), "--json", "--key-file", key.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["vcpus"].as_array().map(|a| a.len()), Some(1), "{v}");
+    assert!(v["vcpus"][0]["rip"].as_u64().unwrap() > 0);
+    // verify names the damage.
+    let plain = g.path("plain.img");
+    snapshot_ok(&sock, &plain, &[]);
+    let mut b = std::fs::read(&plain).unwrap();
+    let at = b.len() / 2;
+    b[at] ^= 0x40;
+    let bad = g.path("bad.img");
+    std::fs::write(&bad, b).unwrap();
+    let o = ferry_cmd(&["image", "verify", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("bad.img") && (err.contains("chunk") || err.contains("footer") || err.contains("section")),
+        "{err}"
+    );
+    let o = ferry_cmd(&["image", "verify", plain.to_str().unwrap()]);
+    assert!(o.status.success());
+}
