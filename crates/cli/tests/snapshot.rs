@@ -332,3 +332,40 @@ fn inspect_and_verify_report_keys_and_corruption() {
     let o = ferry_cmd(&["image", "verify", plain.to_str().unwrap()]);
     assert!(o.status.success());
 }
+
+#[test]
+fn two_vcpu_guest_snapshot_restores_both_cpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut g = Guest::start_in(
+        dir,
+        &[
+            "--kernel",
+            "builtin:test",
+            "--mem",
+            "64M",
+            "--vcpus",
+            "2",
+            "--cmdline",
+            "dirty wss=8 rate=max report=100",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ],
+    );
+    g.wait_line("CPU 1 online", secs(60));
+    g.wait_line("PROGRESS", secs(60));
+    wait_sock(&sock);
+    let img = g.path("smp.img");
+    let s = snapshot_ok(&sock, &img, &["--digest"]);
+    let (mut r, rsock) = restore_paused(&img, &[]);
+    assert_eq!(api("digest", &rsock)["digest"], s["memory_digest"]);
+    assert_eq!(api("status", &rsock)["vcpus"], 2);
+    api("resume", &rsock);
+    // passes= is the minimum over CPUs: it only advances if both vCPUs run.
+    let a = r.wait_line("PROGRESS", secs(30));
+    let b = r.wait_line("PROGRESS", secs(30));
+    assert!(field(&b, "passes").unwrap() > field(&a, "passes").unwrap(), "{a} / {b}");
+    r.send_line("verify");
+    let v = r.wait_line("VERIFY", secs(30));
+    assert!(v.starts_with("VERIFY OK"), "{v}");
+}
