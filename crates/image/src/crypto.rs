@@ -78,7 +78,7 @@ pub(crate) enum UnwrapError {
 
 /// An image's data key, ready to seal and open records.
 pub(crate) struct DataKey {
-    aead: Aes256Gcm,
+    aead: ring::aead::LessSafeKey,
     mac_key: Zeroizing<[u8; 32]>,
 }
 
@@ -97,7 +97,12 @@ pub(crate) fn random_bytes(buf: &mut [u8]) -> std::result::Result<(), String> {
 
 impl DataKey {
     fn from_raw(raw: &[u8; 32]) -> Self {
-        DataKey { aead: Aes256Gcm::new(raw.into()), mac_key: Zeroizing::new(blake3::derive_key(ROOT_TAG_CONTEXT, raw)) }
+        let key =
+            ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, raw).expect("32-byte key is valid for AES-256-GCM");
+        DataKey {
+            aead: ring::aead::LessSafeKey::new(key),
+            mac_key: Zeroizing::new(blake3::derive_key(ROOT_TAG_CONTEXT, raw)),
+        }
     }
 
     /// Makes a fresh random data key and its wrapped form for the header.
@@ -155,11 +160,12 @@ impl DataKey {
         buf: &mut Vec<u8>,
     ) -> std::result::Result<(), String> {
         let aad = join(aad);
+        let nonce = ring::aead::Nonce::assume_unique_for_key(nonce(kind, index));
         let tag = self
             .aead
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce(kind, index)), &aad, buf)
+            .seal_in_place_separate_tag(nonce, ring::aead::Aad::from(&aad[..]), buf)
             .map_err(|_| "AES-GCM encryption failed (payload too large?)".to_string())?;
-        buf.extend_from_slice(&tag);
+        buf.extend_from_slice(tag.as_ref());
         Ok(())
     }
 
@@ -167,11 +173,10 @@ impl DataKey {
     /// `None` when the tag does not verify.
     pub(crate) fn open(&self, kind: NonceKind, index: u64, aad: &[&[u8]], buf: &mut [u8]) -> Option<usize> {
         let n = buf.len().checked_sub(TAG_LEN)?;
-        let (ct, tag) = buf.split_at_mut(n);
         let aad = join(aad);
-        self.aead
-            .decrypt_in_place_detached(Nonce::from_slice(&nonce(kind, index)), &aad, ct, Tag::from_slice(tag))
-            .ok()?;
+        let nonce = ring::aead::Nonce::assume_unique_for_key(nonce(kind, index));
+        let plain = self.aead.open_in_place(nonce, ring::aead::Aad::from(&aad[..]), buf).ok()?;
+        debug_assert_eq!(plain.len(), n);
         Some(n)
     }
 
@@ -208,6 +213,28 @@ mod tests {
         assert!(dk2.open(NonceKind::Chunk, 7, &[b"aae"], &mut buf.clone()).is_none());
         let wrong = UserKey::from_bytes(b"secreT").unwrap();
         assert!(matches!(DataKey::unwrap(&params, &wrong), Err(UnwrapError::WrongKey)));
+    }
+
+    /// ring (bulk records) and aes-gcm (key wrap) must be the same cipher:
+    /// a record sealed by one opens with the other.
+    #[test]
+    fn records_are_standard_aes_256_gcm() {
+        let raw = [7u8; 32];
+        let dk = DataKey::from_raw(&raw);
+        let mut buf = b"interoperable".to_vec();
+        dk.seal(NonceKind::Chunk, 3, &[b"hdr", b"run"], &mut buf).unwrap();
+        let other = Aes256Gcm::new((&raw).into());
+        let n = buf.len() - TAG_LEN;
+        let (ct, tag) = buf.split_at_mut(n);
+        other
+            .decrypt_in_place_detached(
+                Nonce::from_slice(&nonce(NonceKind::Chunk, 3)),
+                b"hdrrun",
+                ct,
+                Tag::from_slice(tag),
+            )
+            .unwrap();
+        assert_eq!(ct, b"interoperable");
     }
 
     #[test]
