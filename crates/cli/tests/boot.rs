@@ -29,23 +29,7 @@ fn dirty_workload_progresses_verifies_and_exits_with_guest_status() {
 
 #[test]
 fn pause_stops_progress_and_resume_continues() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let mut g = Guest::start_in(
-        dir,
-        &[
-            "--kernel",
-            "builtin:test",
-            "--mem",
-            "64M",
-            "--cmdline",
-            "dirty wss=8 rate=20000 report=20",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ],
-    );
-    g.wait_line("PROGRESS", secs(60));
-    wait_sock(&sock);
+    let (mut g, sock) = running_guest("dirty wss=8 rate=20000 report=20", "64M");
     let st = api("status", &sock);
     assert_eq!(st["state"], "running");
     assert_eq!(st["vcpus"], 1);
@@ -65,27 +49,11 @@ fn pause_stops_progress_and_resume_continues() {
 
 #[test]
 fn verify_command_over_serial_and_graceful_shutdown_status() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let mut g = Guest::start_in(
-        dir,
-        &[
-            "--kernel",
-            "builtin:test",
-            "--mem",
-            "64M",
-            "--cmdline",
-            "dirty wss=16 rate=max report=50",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ],
-    );
-    g.wait_line("PROGRESS", secs(60));
+    let (mut g, sock) = running_guest("dirty wss=16 rate=max report=50", "64M");
     g.send_line("verify");
     let v = g.wait_line("VERIFY", secs(30));
     assert!(v.starts_with("VERIFY OK"), "{v}");
     // The same through the API's console endpoint.
-    wait_sock(&sock);
     let out = ferry_cmd(&["console", "--api-sock", sock.to_str().unwrap(), "verify"]);
     assert!(out.status.success());
     let v = g.wait_line("VERIFY", secs(30));
@@ -127,23 +95,7 @@ fn two_vcpus_both_run_guest_code() {
 
 #[test]
 fn memory_digest_is_stable_while_paused_and_changes_with_the_guest() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let mut g = Guest::start_in(
-        dir,
-        &[
-            "--kernel",
-            "builtin:test",
-            "--mem",
-            "64M",
-            "--cmdline",
-            "dirty wss=8 rate=max report=50",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ],
-    );
-    g.wait_line("PROGRESS", secs(60));
-    wait_sock(&sock);
+    let (mut g, sock) = running_guest("dirty wss=8 rate=max report=50", "64M");
     api("pause", &sock);
     let d1 = api("digest", &sock);
     let d2 = api("digest", &sock);

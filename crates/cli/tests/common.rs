@@ -204,14 +204,19 @@ pub fn raw_http(sock: &Path, req: &[u8]) -> String {
     out
 }
 
-/// A running test guest with an API socket.
+/// A running test guest with an API socket: started, first PROGRESS seen, socket up.
 pub fn running_guest(cmdline: &str, mem: &str) -> (Guest, PathBuf) {
+    running_guest_with(cmdline, mem, &[])
+}
+
+/// Same, with extra `ferry run` flags (e.g. `--vcpus 2`).
+pub fn running_guest_with(cmdline: &str, mem: &str, extra: &[&str]) -> (Guest, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let mut g = Guest::start_in(
-        dir,
-        &["--kernel", "builtin:test", "--mem", mem, "--cmdline", cmdline, "--api-sock", sock.to_str().unwrap()],
-    );
+    let mut args =
+        vec!["--kernel", "builtin:test", "--mem", mem, "--cmdline", cmdline, "--api-sock", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut g = Guest::start_in(dir, &args);
     g.wait_line("PROGRESS", secs(60));
     wait_sock(&sock);
     (g, sock)
