@@ -20,11 +20,9 @@ fn assets() -> Option<(PathBuf, PathBuf)> {
     Some((k, i))
 }
 
-#[test]
-fn linux_boots_with_ferrys_cmdline_and_e820() {
-    let Some((kernel, initrd)) = assets() else { return };
-    let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 ferry.marker=42";
-    let mut g = Guest::start(&[
+/// `ferry run` of the Debian kernel and initramfs with 512 MiB.
+fn start_linux(kernel: &std::path::Path, initrd: &std::path::Path, cmdline: &str, extra: &[&str]) -> Guest {
+    let mut args = vec![
         "--kernel",
         kernel.to_str().unwrap(),
         "--initrd",
@@ -33,7 +31,16 @@ fn linux_boots_with_ferrys_cmdline_and_e820() {
         "512M",
         "--cmdline",
         cmdline,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    Guest::start(&args)
+}
+
+#[test]
+fn linux_boots_with_ferrys_cmdline_and_e820() {
+    let Some((kernel, initrd)) = assets() else { return };
+    let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 ferry.marker=42";
+    let mut g = start_linux(&kernel, &initrd, cmdline, &[]);
     g.wait_for("kernel banner", secs(600), |l| l.contains("Linux version"));
     let c = g.wait_for("command line", secs(60), |l| l.contains("Command line:"));
     assert!(c.ends_with(cmdline), "kernel saw ferry's command line: {c}");
@@ -75,18 +82,7 @@ fn linux_survives_snapshot_and_restore() {
     let Some((kernel, initrd)) = assets() else { return };
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let mut g = Guest::start(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--mem",
-        "512M",
-        "--cmdline",
-        "console=ttyS0 panic=-1",
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ]);
+    let mut g = start_linux(&kernel, &initrd, "console=ttyS0 panic=-1", &["--api-sock", sock.to_str().unwrap()]);
     let deadline = std::time::Instant::now() + secs(900);
     loop {
         if let Some(st) = g.child.try_wait().unwrap() {

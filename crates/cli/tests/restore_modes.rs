@@ -44,9 +44,11 @@ fn stop_and_report(mut g: Guest, sock: &Path, report: &Path) -> serde_json::Valu
 
 #[test]
 fn lazy_restore_of_full_incremental_and_encrypted_images_has_the_snapshot_digest() {
-    let (g, sock) = running_guest("dirty wss=16 rate=max report=100", "128M");
+    let (mut g, sock) = running_guest("dirty wss=16 rate=max report=100", "128M");
     let full = g.path("full.img");
     let full_digest = snapshot_digest(&sock, &full, &[]);
+    // Let the guest run (and dirty memory) before the incremental one, even on a loaded host.
+    g.wait_line("PROGRESS", secs(30));
     let incr = g.path("incr.img");
     let incr_digest = snapshot_digest(&sock, &incr, &["--parent", full.to_str().unwrap()]);
     assert_ne!(full_digest, incr_digest, "the guest kept dirtying memory between the snapshots");

@@ -104,6 +104,19 @@ fn last_err(what: &str) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("userfaultfd {what}: {e}"))
 }
 
+/// Result of a page-filling ioctl: `EEXIST` means a racing fill already
+/// populated the page, which is as good as success.
+fn fill_result(rc: libc::c_int, what: impl FnOnce() -> String) -> std::io::Result<()> {
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        return Ok(());
+    }
+    Err(std::io::Error::new(e.kind(), format!("userfaultfd {}: {e}", what())))
+}
+
 impl Uffd {
     /// Opens a userfaultfd (non-blocking, close-on-exec) and negotiates
     /// `features` (those the kernel lacks are an error).
@@ -164,28 +177,16 @@ impl Uffd {
     pub fn copy(&self, dst: u64, src: &[u8]) -> std::io::Result<()> {
         let mut c = Copy { dst, src: src.as_ptr() as u64, len: src.len() as u64, mode: 0, copy: 0 };
         // SAFETY: src is valid for len bytes; dst is inside a registered range.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EEXIST) {
-                return Ok(());
-            }
-            return Err(std::io::Error::new(e.kind(), format!("userfaultfd copy to {dst:#x}: {e}")));
-        }
-        Ok(())
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut c) };
+        fill_result(rc, || format!("copy to {dst:#x}"))
     }
 
     /// Maps zero pages at a missing range and wakes waiters.
     pub fn zeropage(&self, start: u64, len: u64) -> std::io::Result<()> {
         let mut z = Zeropage { range: Range { start, len }, mode: 0, zeropage: 0 };
         // SAFETY: z is a valid uffdio_zeropage.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut z) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EEXIST) {
-                return Ok(());
-            }
-            return Err(std::io::Error::new(e.kind(), format!("userfaultfd zeropage at {start:#x}: {e}")));
-        }
-        Ok(())
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut z) };
+        fill_result(rc, || format!("zeropage at {start:#x}"))
     }
 
     /// Wakes threads waiting on a range without changing it.
