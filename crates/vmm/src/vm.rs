@@ -558,10 +558,6 @@ impl Parts {
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm_fd.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm_fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        vm_fd
-            .create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
-            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
         for (slot, r) in ram.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -573,6 +569,14 @@ impl Parts {
             // SAFETY: the mapping outlives the VM (both owned by Vm).
             unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
+        // The interrupt controllers come after the memory slots: on this
+        // host, a slot created after KVM_CREATE_IRQCHIP costs ten times as
+        // much (1 GiB: 5-9 ms against 0.6 ms), which was most of the time to
+        // a restored guest's first instruction. Firecracker orders it so too.
+        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
         Ok(Parts { kvm, vm_fd, ram })
     }
 
