@@ -17,6 +17,12 @@ use crate::Result;
 
 const PAGE: usize = 4096;
 
+/// Share of the pause budget planned for copying the last dirty pages.
+/// With the whole budget, measured pauses landed at 4-5.4 ms against a 5 ms
+/// target (1 GiB, 64 MiB working set at full rate): the fixed costs around
+/// the copy (vCPU kick, dirty log, state, resume) are 0.7-3 ms here.
+pub const FINAL_COPY_SHARE: f64 = 0.5;
+
 /// How a pre-copy runs.
 #[derive(Clone, Debug)]
 pub struct PrecopyConfig {
@@ -24,7 +30,9 @@ pub struct PrecopyConfig {
     pub live: bool,
     /// Most live rounds before the final pause.
     pub max_rounds: u32,
-    /// Pause-time budget: iterate until the dirty set is small enough to copy within it.
+    /// Pause-time budget. Rounds go on until the dirty set can be copied in
+    /// half of it ([`FINAL_COPY_SHARE`]); the other half is for stopping the
+    /// vCPUs, reading the dirty log, capturing the state and resuming.
     pub downtime_target: Duration,
     /// Hash all guest memory at the final pause (adds the hash time to the pause).
     pub digest: bool,
@@ -428,7 +436,7 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
         };
         let r1 = round(&regions, &first, sink, !live)?;
         let mut rate_pages_per_ms = (r1.pages as f64 / r1.ms.max(0.001)).max(1.0);
-        let budget_pages = |rate: f64| (rate * ms(cfg.downtime_target)) as u64;
+        let budget_pages = |rate: f64| (rate * ms(cfg.downtime_target) * FINAL_COPY_SHARE) as u64;
         stats.rounds.push(r1);
         stats.stop_reason = "paused".into();
         if live {
