@@ -2,8 +2,9 @@
 //! scripts/linux-guest.sh). Written for hosts with hardware virtualisation,
 //! where the Debian cloud kernel boots to its /init in well under a second.
 //! On a software hypervisor (PVM) the kernel's ring-0 code is emulated and
-//! stops at an instruction the emulator lacks; there the test checks what
-//! the early console shows and that ferry reports the failure clearly.
+//! stops at an instruction the emulator lacks; there the tests check what
+//! the early console shows, that ferry reports the failure clearly, and that
+//! a Linux snapshotted mid-boot carries on booting after restore.
 
 mod common;
 use common::*;
