@@ -157,6 +157,57 @@ fn export_lime_elf_and_raw() {
     assert!(text.contains("root hash") && text.contains("vcpu 0") && text.contains("rip="), "{text}");
 }
 
+/// ferry's memory digest (`GuestRam::digest`) of one RAM range starting at 0.
+fn memory_digest_of(ram: &[u8]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"ferry memory digest v1");
+    h.update(&0u64.to_le_bytes());
+    h.update(&(ram.len() as u64).to_le_bytes());
+    h.update(ram);
+    h.finalize().to_hex().to_string()
+}
+
+/// Export follows an incremental chain: the memory exported from a full
+/// image plus an incremental one is exactly guest RAM at the incremental's
+/// final pause (same digest), in raw, LiME and ELF form, while the
+/// incremental alone holds only a small part of it.
+#[test]
+fn export_of_an_incremental_chain_is_guest_memory_at_its_pause() {
+    let (mut g, sock) = running_guest("dirty wss=8 rate=max report=100", "64M");
+    let full = g.path("full.img");
+    snapshot_ok(&sock, &full, &[]);
+    g.wait_line("PROGRESS", secs(10));
+    let inc = g.path("inc.img");
+    let s = snapshot_ok(&sock, &inc, &["--parent", full.to_str().unwrap(), "--digest"]);
+    let digest = s["memory_digest"].as_str().unwrap();
+    assert!(
+        std::fs::metadata(&inc).unwrap().len() * 2 < std::fs::metadata(&full).unwrap().len(),
+        "the incremental image holds only what changed"
+    );
+    let export = |fmt: &str| {
+        let out = g.path(&format!("inc.{fmt}"));
+        let o = ferry_cmd(&["image", "export", inc.to_str().unwrap(), "--format", fmt, "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(&out).unwrap()
+    };
+    let raw = export("raw");
+    assert_eq!(memory_digest_of(&raw), digest, "raw export of the chain = guest RAM at the pause");
+    let lime = export("lime");
+    assert_eq!(memory_digest_of(&lime[32..]), digest, "LiME: one 32-byte header, then the range");
+    let elf = export("elf");
+    // ELF64 core: the program headers' PT_LOAD (type 1) for guest-physical 0.
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
+    let (phoff, phentsize, phnum) = (u64_at(32) as usize, u16::from_le_bytes([elf[54], elf[55]]) as usize, elf[56]);
+    let loads: Vec<(usize, usize)> = (0..phnum as usize)
+        .map(|i| phoff + i * phentsize)
+        .filter(|&ph| u32::from_le_bytes(elf[ph..ph + 4].try_into().unwrap()) == 1)
+        .map(|ph| (u64_at(ph + 8) as usize, u64_at(ph + 32) as usize))
+        .collect();
+    assert_eq!(loads.len(), 1, "one PT_LOAD per RAM range");
+    let (off, len) = loads[0];
+    assert_eq!(memory_digest_of(&elf[off..off + len]), digest, "ELF core: the PT_LOAD holds the range");
+}
+
 fn corrupt_copy(src: &Path, dst: &Path, f: impl FnOnce(&mut Vec<u8>)) {
     let mut b = std::fs::read(src).unwrap();
     f(&mut b);
@@ -238,6 +289,53 @@ fn failed_snapshot_leaves_previous_image_intact() {
     assert!(!o.status.success());
     assert_eq!(std::fs::read(&img).unwrap(), before, "previous image untouched");
     assert_eq!(api("status", &sock)["state"], "running", "a failed snapshot leaves the guest running");
+}
+
+/// A VMM killed (SIGKILL) while writing an image over an older one leaves
+/// the older image intact and valid; the next snapshot to that path works
+/// and removes the dead writer's temporary file.
+#[test]
+fn vmm_killed_mid_snapshot_leaves_previous_image_intact() {
+    let (mut g, sock) = running_guest("dirty wss=8 rate=20000 report=100", "1G");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm.img");
+    snapshot_ok(&sock, &img, &[]);
+    let before = std::fs::read(&img).unwrap();
+    // An uncompressed stop-the-world snapshot of 1 GiB is slow enough to be caught mid-write.
+    let mut client = std::process::Command::new(ferry())
+        .args(["snapshot", "--api-sock", sock.to_str().unwrap(), "--out", img.to_str().unwrap()])
+        .args(["--codec", "none", "--pause"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + secs(60);
+    let tmp = loop {
+        let partial = std::fs::read_dir(dir.path()).unwrap().flatten().find(|e| {
+            e.file_name().to_string_lossy().starts_with("vm.img.tmp-")
+                && e.metadata().map(|m| m.len() > 8 << 20).unwrap_or(false)
+        });
+        if let Some(e) = partial {
+            break e.path();
+        }
+        assert!(client.try_wait().unwrap().is_none(), "the snapshot finished before it could be interrupted");
+        assert!(std::time::Instant::now() < deadline, "no temporary image appeared");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    g.child.kill().unwrap();
+    g.child.wait().unwrap();
+    let st = client.wait().unwrap();
+    assert!(!st.success(), "the snapshot whose VMM died must fail");
+    assert_eq!(std::fs::read(&img).unwrap(), before, "previous image untouched");
+    let o = ferry_cmd(&["image", "verify", img.to_str().unwrap()]);
+    assert!(o.status.success(), "previous image still valid: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(tmp.exists(), "a killed writer cannot clean up after itself");
+
+    let (_g2, sock2) = running_guest("dirty wss=8 rate=20000 report=100", "64M");
+    snapshot_ok(&sock2, &img, &[]);
+    assert!(!tmp.exists(), "the next writer of the path removes the dead writer's temporary file");
+    let o = ferry_cmd(&["image", "verify", img.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]

@@ -144,8 +144,31 @@ pub(crate) fn is_zero_page(p: &[u8]) -> bool {
     acc == 0
 }
 
+/// Removes `<path>.tmp-<pid>-<n>` files left by a writer process that no
+/// longer exists (killed mid-snapshot: nothing runs its Drop). A temp file
+/// of a live process, ours included, is left alone, so two writers of one
+/// path never delete each other's work. Best effort: errors are ignored.
+fn remove_stale_temps(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let prefix = format!("{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(prefix.as_str())) else { continue };
+        let Some(pid) = rest.split_once('-').and_then(|(pid, n)| n.parse::<u64>().ok().and(pid.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 impl ImageWriter {
-    /// Creates `<path>.tmp-<pid>-<n>`, writes the header and starts the encoder
+    /// Creates `<path>.tmp-<pid>-<n>` (first removing such files of writers
+    /// that died), writes the header and starts the encoder
     /// threads. The image appears at `path` only when `finish` succeeds.
     pub fn create(path: &Path, input: ImageHeaderInput, opts: WriteOptions) -> Result<Self> {
         let started = Instant::now();
@@ -156,6 +179,7 @@ impl ImageWriter {
         let mut tmp_name = file_name.to_os_string();
         tmp_name.push(format!(".tmp-{}-{}", std::process::id(), TMP_SEQ.fetch_add(1, Ordering::Relaxed)));
         let tmp_path = path.with_file_name(tmp_name);
+        remove_stale_temps(path);
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -556,6 +580,26 @@ mod tests {
         p[4095] = 0;
         p[0] = 1;
         assert!(!is_zero_page(&p));
+    }
+
+    #[test]
+    fn stale_temp_files_of_dead_writers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("vm.img");
+        // pid_max is at most 2^22, so this process cannot exist.
+        let dead = dir.path().join("vm.img.tmp-4294967295-0");
+        let live = dir.path().join("vm.img.tmp-1-0");
+        let ours = dir.path().join(format!("vm.img.tmp-{}-99", std::process::id()));
+        let other_image = dir.path().join("other.img.tmp-4294967295-0");
+        let not_ours = dir.path().join("vm.img.tmp-notes");
+        for p in [&dead, &live, &ours, &other_image, &not_ours] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        remove_stale_temps(&img);
+        assert!(!dead.exists(), "a dead writer's temp file is removed");
+        for p in [&live, &ours, &other_image, &not_ours] {
+            assert!(p.exists(), "{} is kept", p.display());
+        }
     }
 
     #[test]
