@@ -41,11 +41,16 @@ fn start_linux(kernel: &std::path::Path, initrd: &std::path::Path, cmdline: &str
 fn linux_boots_with_ferrys_cmdline_and_e820() {
     let Some((kernel, initrd)) = assets() else { return };
     let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 ferry.marker=42";
-    let mut g = start_linux(&kernel, &initrd, cmdline, &[]);
+    let mut g = start_linux(&kernel, &initrd, cmdline, &["--vcpus", "2"]);
     g.wait_for("kernel banner", secs(600), |l| l.contains("Linux version"));
     let c = g.wait_for("command line", secs(60), |l| l.contains("Command line:"));
     assert!(c.ends_with(cmdline), "kernel saw ferry's command line: {c}");
     g.wait_for("e820 map", secs(60), |l| l.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"));
+    // ferry's ACPI tables: this kernel has no MP-table parser, so the MADT
+    // is its only way to find the second CPU and the IOAPIC.
+    g.wait_for("RSDP", secs(120), |l| l.contains("ACPI: RSDP 0x00000000000E0000"));
+    g.wait_for("MADT", secs(300), |l| l.contains("ACPI: Using ACPI (MADT) for SMP configuration information"));
+    g.wait_for("two CPUs", secs(60), |l| l.contains("smpboot: Allowing 2 CPUs"));
     // Either the guest reaches its /init (hardware virtualisation) or the
     // hypervisor's emulator gives up and ferry says so.
     let deadline = std::time::Instant::now() + secs(900);
@@ -61,7 +66,8 @@ fn linux_boots_with_ferrys_cmdline_and_e820() {
             return;
         }
         let lines = g.collect_for(std::time::Duration::from_millis(500));
-        if lines.iter().any(|l| l.contains("FERRY-LINUX-INIT up")) {
+        if let Some(up) = lines.iter().find(|l| l.contains("FERRY-LINUX-INIT up")) {
+            assert!(up.contains("cpus=2"), "both vCPUs online in Linux: {up}");
             g.wait_for("memdirty", secs(60), |l| l.contains("MEMDIRTY round="));
             return;
         }

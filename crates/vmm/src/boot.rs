@@ -16,8 +16,8 @@ use vm_memory::{ByteValued, GuestAddress};
 use crate::cpu::{self, EntryMode};
 use crate::layout;
 use crate::memory::GuestRam;
-use crate::mptable;
 use crate::Error;
+use crate::{acpi, mptable};
 
 /// Where the kernel comes from.
 #[derive(Clone, Debug)]
@@ -139,6 +139,7 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig) -> Result<BootEntry, Error> {
     ram.write(layout::GDT_ADDR, &gdt)?;
     ram.write(layout::IDT_ADDR, &[0u8; 8])?;
     ram.write(layout::EBDA_ADDR, &mptable::build(cfg.vcpus))?;
+    ram.write(layout::ACPI_ADDR, &acpi::build(cfg.vcpus, layout::ACPI_ADDR))?;
     let mut cmdline = cfg.cmdline.as_bytes().to_vec();
     cmdline.push(0);
     ram.write(layout::CMDLINE_ADDR, &cmdline)?;
@@ -163,6 +164,7 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig) -> Result<BootEntry, Error> {
                 cmdline_paddr: layout::CMDLINE_ADDR,
                 memmap_paddr: layout::PVH_MEMMAP_ADDR,
                 memmap_entries: e820.len() as u32,
+                rsdp_paddr: layout::ACPI_ADDR,
                 ..Default::default()
             };
             if let Some(initrd) = cfg.initrd {
@@ -208,6 +210,7 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig) -> Result<BootEntry, Error> {
             params.hdr.kernel_alignment = params.hdr.kernel_alignment.max(KERNEL_MIN_ALIGNMENT);
             params.hdr.loadflags |= CAN_USE_HEAP;
             params.hdr.heap_end_ptr = 0xfe00;
+            params.acpi_rsdp_addr = layout::ACPI_ADDR;
             if let Some(initrd) = cfg.initrd {
                 let max = if params.hdr.initrd_addr_max == 0 { 0x37ff_ffff } else { params.hdr.initrd_addr_max as u64 };
                 let (addr, size) = load_initrd(ram, initrd, max, res.kernel_end)?;

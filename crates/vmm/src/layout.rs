@@ -29,6 +29,9 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 0x10000;
 /// Extended BIOS data area: the MP table lives here, and it is reserved in e820.
 pub const EBDA_ADDR: u64 = 0x9fc00;
+/// ACPI tables (RSDP first), in the BIOS area that e820 reserves and where
+/// guests scan for the RSDP.
+pub const ACPI_ADDR: u64 = 0xe0000;
 /// Start of the legacy hole (VGA, option ROMs, BIOS), reserved in e820.
 pub const LEGACY_HOLE_END: u64 = 0x10_0000;
 /// Kernels are loaded at 1 MiB.

@@ -7,6 +7,7 @@
 
 #![deny(missing_docs)]
 
+pub mod acpi;
 pub mod boot;
 pub mod cpu;
 pub mod devices;

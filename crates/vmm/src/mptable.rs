@@ -46,9 +46,10 @@ pub fn build(cpus: u32) -> Vec<u8> {
     entries.extend_from_slice(&(layout::IOAPIC_ADDR as u32).to_le_bytes());
     count += 1;
     for irq in 0..ISA_IRQS {
-        // IRQ 0 goes to pin 2 (the PIT), as on PC firmware; other ISA IRQs map 1:1.
-        let pin = if irq == 0 { 2 } else { irq };
-        entries.extend_from_slice(&[3, 0, 0, 0, 0, irq, ioapic_id, pin]);
+        // ISA IRQ n arrives at IOAPIC pin n: that is KVM's default GSI
+        // routing, which ferry keeps (QEMU reroutes the PIT to pin 2 and
+        // says so; saying so here without rerouting would misdirect it).
+        entries.extend_from_slice(&[3, 0, 0, 0, 0, irq, ioapic_id, irq]);
         count += 1;
     }
     entries.extend_from_slice(&[4, 3, 0, 0, 0, 0, 0xff, 0]); // ExtINT -> LINT0 on all
