@@ -156,10 +156,8 @@ fn remove_stale_temps(path: &Path) {
     for e in entries.flatten() {
         let file_name = e.file_name();
         let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(prefix.as_str())) else { continue };
-        let Some(pid) = rest.split_once('-').and_then(|(pid, n)| n.parse::<u64>().ok().and(pid.parse::<u32>().ok()))
-        else {
-            continue;
-        };
+        let Some((pid, seq)) = rest.split_once('-') else { continue };
+        let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), seq.parse::<u64>()) else { continue };
         if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
             let _ = std::fs::remove_file(e.path());
         }
