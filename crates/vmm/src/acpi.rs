@@ -199,6 +199,52 @@ mod tests {
         assert_eq!(ioapics, vec![(4, layout::IOAPIC_ADDR as u32, 0)]);
     }
 
+    /// The tables as separate files, the way `acpidump`/`acpixtract` give them.
+    fn split(blob: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+        let at = |addr: u64| {
+            let off = (addr - BASE) as usize;
+            blob[off..off + u32_at(blob, off + 4) as usize].to_vec()
+        };
+        let xsdt = at(u64_at(blob, 24));
+        let (fadt, madt) = (at(u64_at(&xsdt, 36)), at(u64_at(&xsdt, 44)));
+        let dsdt = at(u64_at(&fadt, 140));
+        vec![("rsdp", blob[..36].to_vec()), ("xsdt", xsdt), ("facp", fadt), ("apic", madt), ("dsdt", dsdt)]
+    }
+
+    /// An independent decoder agrees: ACPICA's disassembler (`iasl -d`, from
+    /// Debian's acpica-tools, which .ci/run installs) reads every table
+    /// without a warning, and finds in them what Linux relies on.
+    #[test]
+    fn acpica_disassembles_every_table_without_warnings() {
+        if std::process::Command::new("iasl").arg("-v").output().is_err() {
+            eprintln!("iasl is not installed (apt-get install acpica-tools): skipping");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut decoded = std::collections::HashMap::new();
+        // iasl takes tables with the common header; the RSDP has none (the
+        // test above checks it, and Linux prints what it read from it).
+        for (name, bytes) in split(&build(2, BASE)).into_iter().filter(|(n, _)| *n != "rsdp") {
+            let dat = dir.path().join(format!("{name}.dat"));
+            std::fs::write(&dat, &bytes).unwrap();
+            let o = std::process::Command::new("iasl").arg("-d").arg(&dat).current_dir(dir.path()).output().unwrap();
+            let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            assert!(o.status.success(), "iasl -d {name}: {log}");
+            let dsl = std::fs::read_to_string(dir.path().join(format!("{name}.dsl"))).unwrap();
+            for bad in ["Warning", "Error", "Incorrect", "Invalid"] {
+                assert!(!log.contains(bad) && !dsl.contains(bad), "{name}: iasl says {bad}:\n{log}\n{dsl}");
+            }
+            decoded.insert(name, dsl);
+        }
+        let has =
+            |name: &str, what: &str| assert!(decoded[name].contains(what), "{name} lacks {what:?}:\n{}", decoded[name]);
+        has("facp", "Hardware Reduced (V5) : 1");
+        has("facp", "8042 Present on ports 60/64 (V2) : 1");
+        has("facp", "DSDT Address : 00000000000E0030");
+        has("apic", "I/O Apic ID : 02");
+        assert_eq!(decoded["apic"].matches("Processor Enabled : 1").count(), 2, "{}", decoded["apic"]);
+    }
+
     #[test]
     fn tables_fit_the_reserved_area_for_the_most_cpus() {
         let blob = build(crate::mptable::MAX_CPUS, layout::ACPI_ADDR);
