@@ -43,8 +43,9 @@ const MADT_PCAT_COMPAT: u32 = 1;
 /// MADT local APIC flag: the processor is enabled.
 const LAPIC_ENABLED: u32 = 1;
 
-/// Byte that makes `bytes` sum to zero modulo 256.
-fn checksum(bytes: &[u8]) -> u8 {
+/// Byte that makes `bytes` sum to zero modulo 256: the checksum of ACPI
+/// tables and of the MP table alike.
+pub(crate) fn checksum(bytes: &[u8]) -> u8 {
     0u8.wrapping_sub(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
 }
 

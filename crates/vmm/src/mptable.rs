@@ -2,6 +2,7 @@
 //! (the test guest, Linux with `acpi=off`) learns how many CPUs it has and
 //! where the IOAPIC is.
 
+use crate::acpi::checksum;
 use crate::layout;
 
 const MPF_SIGNATURE: &[u8; 4] = b"_MP_";
@@ -13,10 +14,6 @@ const CPU_BSP: u8 = 2;
 /// Most vCPUs the table (and ferry) supports; the table must fit the EBDA's 1 KiB.
 pub const MAX_CPUS: u32 = 32;
 const ISA_IRQS: u8 = 16;
-
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
-}
 
 /// Builds the floating pointer and configuration table for `cpus` CPUs,
 /// to be written at [`layout::EBDA_ADDR`].

@@ -237,6 +237,15 @@ impl Uffd {
 mod tests {
     use super::*;
 
+    /// The next fault on `u`, however long the faulting thread takes to get there.
+    fn wait_fault(u: &Uffd) -> Fault {
+        loop {
+            if let Some(f) = u.next_fault(1000).unwrap() {
+                return f;
+            }
+        }
+    }
+
     /// A fresh private anonymous mapping of `len` bytes.
     fn anon(len: usize) -> u64 {
         // SAFETY: a new mapping nothing else refers to; tests unmap it.
@@ -280,11 +289,7 @@ mod tests {
         let h = {
             let u = u.clone();
             std::thread::spawn(move || {
-                let f = loop {
-                    if let Some(f) = u.next_fault(1000).unwrap() {
-                        break f;
-                    }
-                };
+                let f = wait_fault(&u);
                 let page = vec![0x5au8; 4096];
                 u.copy(f.address & !0xfff, &page).unwrap();
                 f
@@ -316,11 +321,7 @@ mod tests {
         let h = {
             let u = u.clone();
             std::thread::spawn(move || {
-                let f = loop {
-                    if let Some(f) = u.next_fault(1000).unwrap() {
-                        break f;
-                    }
-                };
+                let f = wait_fault(&u);
                 // The page still holds its protected contents here.
                 // SAFETY: reading inside the mapping.
                 let before = unsafe { std::ptr::read_volatile((f.address & !0xfff) as *const u8) };
