@@ -31,6 +31,17 @@ pub enum Rate {
     PagesPerSec(u64),
 }
 
+/// What the dirty workload stores into a page (`fill=word|random`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// One 8-byte marker word at offset 0 (`pattern::page_word`); the rest
+    /// of the page is never written. Compresses extremely well.
+    Word,
+    /// The whole page: the marker word, then 511 pseudo-random words from
+    /// (pfn, generation) (`pattern::random_word`). Incompressible.
+    Random,
+}
+
 /// Parsed boot command line; `None` means "use the default".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -42,6 +53,8 @@ pub struct Config {
     pub wss_mib: Option<u64>,
     /// `rate=<pages/s>|max`.
     pub rate: Rate,
+    /// `fill=word|random`: what a page store writes (default word).
+    pub fill: Fill,
     /// `passes=<n>`: verify and exit after n passes.
     pub passes: Option<u64>,
     /// `verify`: verify once right after marking.
@@ -65,6 +78,7 @@ impl Default for Config {
             mem_mib: None,
             wss_mib: None,
             rate: Rate::Max,
+            fill: Fill::Word,
             passes: None,
             verify: false,
             report_ms: None,
@@ -112,6 +126,14 @@ pub fn parse(line: &str) -> Result<Config, &str> {
                 true
             }
             ("rate", Some(v)) => num(v).filter(|&n| n > 0).map(|n| c.rate = Rate::PagesPerSec(n)).is_some(),
+            ("fill", Some("word")) => {
+                c.fill = Fill::Word;
+                true
+            }
+            ("fill", Some("random")) => {
+                c.fill = Fill::Random;
+                true
+            }
             ("passes", Some(v)) => num(v).map(|n| c.passes = Some(n)).is_some(),
             ("report", Some(v)) => num(v).map(|n| c.report_ms = Some(n)).is_some(),
             ("cpus", Some(v)) => {

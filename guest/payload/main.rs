@@ -15,20 +15,23 @@ mod mem;
 mod mptable;
 mod pattern;
 
-use cmdline::{Command, Config, Crash, CtrlAltDel, LineBuf, Mode, Rate};
+use cmdline::{Command, Config, Crash, CtrlAltDel, Fill, LineBuf, Mode, Rate};
 use core::cell::UnsafeCell;
 use core::fmt::Write;
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hw::{rdtsc, TscSource};
-use pattern::{expected_gen, page_word, slice_of, Region};
+use pattern::{expected_gen, page_word, random_seed, random_word, slice_of, Region, PAGE_WORDS};
 
 /// Most CPUs the guest drives (one stack and counter block each).
 pub const MAX_CPUS: usize = 32;
 /// Ring-3 stack per CPU.
 pub const STACK_SIZE: usize = 16 * 1024;
-/// Pages stored between two looks at the clock / the pause flag.
+/// Pages stored between two looks at the clock / the pause flag (`fill=word`).
 const BATCH: u64 = 512;
+/// The same with `fill=random` (a whole page per store: 64 pages take
+/// 0.05-0.15 ms, well under the ~1 ms poll interval).
+const BATCH_RANDOM: u64 = 64;
 const MIB: u64 = 1 << 20;
 const HVM_START_MAGIC: u32 = 0x336e_c578;
 
@@ -78,6 +81,7 @@ unsafe impl<T> Sync for Shared<T> {}
 #[derive(Clone, Copy)]
 struct Setup {
     mode: Mode,
+    fill: Fill,
     region: Region,
     wss_pages: u64,
     ncpus: usize,
@@ -88,6 +92,7 @@ struct Setup {
 
 static SETUP: Shared<Setup> = Shared(UnsafeCell::new(Setup {
     mode: Mode::Idle,
+    fill: Fill::Word,
     region: Region::new(),
     wss_pages: 0,
     ncpus: 1,
@@ -299,7 +304,15 @@ extern "C" fn bsp_main(start_info: u64) -> ! {
         bi.cmdline
     );
 
-    let mut su = Setup { mode: cfg.mode, region: Region::new(), wss_pages: 0, ncpus: 1, tsc_khz, rate_per_cpu: 0 };
+    let mut su = Setup {
+        mode: cfg.mode,
+        fill: cfg.fill,
+        region: Region::new(),
+        wss_pages: 0,
+        ncpus: 1,
+        tsc_khz,
+        rate_per_cpu: 0,
+    };
 
     // Bring up the APs one by one (they share one boot slot for stack/index).
     if ncpus > 1 {
@@ -357,7 +370,7 @@ extern "C" fn bsp_main(start_info: u64) -> ! {
             publish(su);
             let t0 = rdtsc();
             // The BSP marks alone: on PVM, parallel first touches were slower.
-            write_gen(&su.region, 0, pages, 0);
+            write_pages(&su.region, 0, pages, 0, su.fill);
             let ms = (rdtsc() - t0) / tsc_khz;
             let first = su.region.pfn(0).unwrap_or(0);
             say!(
@@ -398,8 +411,16 @@ extern "C" fn ap_main(cpu: u64) -> ! {
 
 // ---------------------------------------------------------------- workload
 
-/// Stores generation `gen` into region pages `[start, start + n)`: one
-/// 8-byte store per page.
+/// Stores generation `gen` into region pages `[start, start + n)` the way
+/// `fill` says.
+fn write_pages(region: &Region, start: u64, n: u64, gen: u64, fill: Fill) {
+    match fill {
+        Fill::Word => write_gen(region, start, n, gen),
+        Fill::Random => write_random(region, start, n, gen),
+    }
+}
+
+/// `fill=word`: one 8-byte store per page.
 fn write_gen(region: &Region, start: u64, n: u64, gen: u64) {
     region.for_each_run(start, n, |pfn, cnt, _| {
         let hi = gen << 32;
@@ -413,6 +434,25 @@ fn write_gen(region: &Region, start: u64, n: u64, gen: u64) {
     });
 }
 
+/// `fill=random`: the whole page, the marker word first, then the 511
+/// pseudo-random words of (pfn, gen).
+fn write_random(region: &Region, start: u64, n: u64, gen: u64) {
+    region.for_each_run(start, n, |pfn, cnt, _| {
+        for p in pfn..pfn + cnt {
+            let base = (p << 12) as *mut u64;
+            let seed = random_seed(gen, p);
+            // SAFETY: region pages are RAM outside the image, identity mapped;
+            // only this CPU writes its slice.
+            unsafe {
+                write_volatile(base, page_word(gen, p));
+                for i in 1..PAGE_WORDS {
+                    write_volatile(base.add(i), random_word(seed, i as u64));
+                }
+            }
+        }
+    });
+}
+
 /// Paces page stores to a rate with the TSC (token bucket, bounded burst so
 /// a long pause such as a migration does not cause a catch-up storm).
 struct Pacer {
@@ -421,17 +461,18 @@ struct Pacer {
     base: u64,
     used: u64,
     burst: u64,
+    batch: u64,
 }
 
 impl Pacer {
-    fn new(per_sec: u64, khz: u64) -> Self {
-        let burst = (per_sec / 20).max(BATCH);
-        Pacer { per_sec, khz, base: rdtsc(), used: 0, burst }
+    fn new(per_sec: u64, khz: u64, batch: u64) -> Self {
+        let burst = (per_sec / 20).max(batch);
+        Pacer { per_sec, khz, base: rdtsc(), used: 0, burst, batch }
     }
 
     fn allow(&mut self, now: u64) -> u64 {
         if self.per_sec == 0 {
-            return BATCH;
+            return self.batch;
         }
         if now < self.base {
             self.base = now;
@@ -442,9 +483,9 @@ impl Pacer {
         if avail > self.burst {
             self.base = now;
             self.used = 0;
-            return self.burst.min(BATCH);
+            return self.burst.min(self.batch);
         }
-        avail.min(BATCH)
+        avail.min(self.batch)
     }
 
     fn used(&mut self, n: u64) {
@@ -470,7 +511,11 @@ fn dirty_loop(cpu: usize, mut bsp: Option<&mut Bsp>) -> ! {
     let pc = &PERCPU[cpu];
     let (lo, hi) = slice_of(s.wss_pages, s.ncpus as u64, cpu as u64);
     let len = hi - lo;
-    let mut pacer = Pacer::new(s.rate_per_cpu, s.tsc_khz);
+    let batch = match s.fill {
+        Fill::Word => BATCH,
+        Fill::Random => BATCH_RANDOM,
+    };
+    let mut pacer = Pacer::new(s.rate_per_cpu, s.tsc_khz, batch);
     loop {
         let mut pass_done = false;
         if len > 0 {
@@ -479,7 +524,7 @@ fn dirty_loop(cpu: usize, mut bsp: Option<&mut Bsp>) -> ! {
                 let cursor = pc.cursor.load(Ordering::Relaxed);
                 let passes = pc.passes.load(Ordering::Relaxed);
                 let n = n.min(len - cursor);
-                write_gen(&s.region, lo + cursor, n, passes + 1);
+                write_pages(&s.region, lo + cursor, n, passes + 1, s.fill);
                 pacer.used(n);
                 if cursor + n == len {
                     pc.passes.store(passes + 1, Ordering::Release);
@@ -520,11 +565,22 @@ fn totals() -> (u64, u64, u64) {
 
 struct VerifyResult {
     pages: u64,
+    /// Pages that differ anywhere.
     bad: u64,
-    first: (u64, u64, u64),
+    /// First bad page: (pfn, found word, expected word, byte offset of
+    /// that word in the page).
+    first: (u64, u64, u64, u64),
 }
 
-fn check_run(region: &Region, start: u64, n: u64, gen: u64, r: &mut VerifyResult) {
+fn check_run(region: &Region, start: u64, n: u64, gen: u64, fill: Fill, r: &mut VerifyResult) {
+    match fill {
+        Fill::Word => check_words(region, start, n, gen, r),
+        Fill::Random => check_random(region, start, n, gen, r),
+    }
+}
+
+/// `fill=word`: the marker word of each page.
+fn check_words(region: &Region, start: u64, n: u64, gen: u64, r: &mut VerifyResult) {
     region.for_each_run(start, n, |pfn, cnt, _| {
         for p in pfn..pfn + cnt {
             // SAFETY: region pages are RAM, identity mapped.
@@ -532,7 +588,33 @@ fn check_run(region: &Region, start: u64, n: u64, gen: u64, r: &mut VerifyResult
             let want = page_word(gen, p);
             if found != want {
                 if r.bad == 0 {
-                    r.first = (p, found, want);
+                    r.first = (p, found, want, 0);
+                }
+                r.bad += 1;
+            }
+        }
+        r.pages += cnt;
+    });
+}
+
+/// `fill=random`: every word (so every byte) of each page.
+fn check_random(region: &Region, start: u64, n: u64, gen: u64, r: &mut VerifyResult) {
+    region.for_each_run(start, n, |pfn, cnt, _| {
+        for p in pfn..pfn + cnt {
+            let base = (p << 12) as *const u64;
+            let seed = random_seed(gen, p);
+            let want = |i: usize| if i == 0 { page_word(gen, p) } else { random_word(seed, i as u64) };
+            // SAFETY: region pages are RAM, identity mapped.
+            let found = |i: usize| unsafe { read_volatile(base.add(i)) };
+            // Branch-free first: OR of all differences, then look closer.
+            let mut diff = found(0) ^ page_word(gen, p);
+            for i in 1..PAGE_WORDS {
+                diff |= found(i) ^ random_word(seed, i as u64);
+            }
+            if diff != 0 {
+                if r.bad == 0 {
+                    let i = (0..PAGE_WORDS).find(|&i| found(i) != want(i)).unwrap_or(0);
+                    r.first = (p, found(i), want(i), 8 * i as u64);
                 }
                 r.bad += 1;
             }
@@ -545,7 +627,7 @@ fn check_run(region: &Region, start: u64, n: u64, gen: u64, r: &mut VerifyResult
 /// All writers must be quiesced.
 fn verify_all() -> VerifyResult {
     let s = setup();
-    let mut r = VerifyResult { pages: 0, bad: 0, first: (0, 0, 0) };
+    let mut r = VerifyResult { pages: 0, bad: 0, first: (0, 0, 0, 0) };
     if s.mode != Mode::Dirty {
         return r;
     }
@@ -554,10 +636,10 @@ fn verify_all() -> VerifyResult {
         let p = pc.passes.load(Ordering::Acquire);
         let c = pc.cursor.load(Ordering::Acquire);
         // Pages before the cursor were rewritten in this pass, the rest not.
-        check_run(&s.region, lo, c, expected_gen(p, c, 0), &mut r);
-        check_run(&s.region, lo + c, hi - lo - c, expected_gen(p, c, c), &mut r);
+        check_run(&s.region, lo, c, expected_gen(p, c, 0), s.fill, &mut r);
+        check_run(&s.region, lo + c, hi - lo - c, expected_gen(p, c, c), s.fill, &mut r);
     }
-    check_run(&s.region, s.wss_pages, s.region.pages() - s.wss_pages, 0, &mut r);
+    check_run(&s.region, s.wss_pages, s.region.pages() - s.wss_pages, 0, s.fill, &mut r);
     r
 }
 
@@ -628,8 +710,13 @@ impl Bsp {
         if r.bad == 0 {
             say!("VERIFY OK pages={}", r.pages);
         } else {
-            let (p, f, w) = r.first;
-            say!("VERIFY FAIL page={} found={:#x} expected={:#x} bad={}", p, f, w, r.bad);
+            let (p, f, w, off) = r.first;
+            match setup().fill {
+                Fill::Word => say!("VERIFY FAIL page={} found={:#x} expected={:#x} bad={}", p, f, w, r.bad),
+                Fill::Random => {
+                    say!("VERIFY FAIL page={} found={:#x} expected={:#x} bad={} offset={}", p, f, w, r.bad, off)
+                }
+            }
         }
         r.bad == 0
     }

@@ -1,16 +1,75 @@
 //! The memory pattern: which pages form the workload region, how the working
-//! set is split among CPUs, and which word each page must hold.
+//! set is split among CPUs, and what each page must hold (one marked word
+//! with `fill=word`, a whole page of pseudo-random words with `fill=random`).
 //!
 //! Shared (via `#[path]`) between the no_std guest and the host crate, so
-//! ferry's tests can compute the same expected words. Uses `core` only.
+//! ferry's tests can compute the same expected words and pages. Uses `core`
+//! only.
 
 /// Maximum number of RAM ranges the region can be made of.
 pub const MAX_SEGS: usize = 32;
+
+/// Bytes per workload page.
+pub const PAGE_SIZE: usize = 4096;
+
+/// 8-byte words per workload page.
+pub const PAGE_WORDS: usize = PAGE_SIZE / 8;
 
 /// The word at offset 0 of a workload page: generation in the high half, the
 /// low 32 bits of the page frame number in the low half.
 pub const fn page_word(gen: u64, pfn: u64) -> u64 {
     (gen << 32) | (pfn & 0xffff_ffff)
+}
+
+/// splitmix64's state increment (2^64 / golden ratio).
+pub const SPLITMIX_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// splitmix64's output function: a bijective, fast 64-bit mixer.
+#[inline(always)]
+pub const fn mix64(z: u64) -> u64 {
+    let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// splitmix64 state a `fill=random` page's words are drawn from, derived
+/// from the page frame number and the generation (all 64 bits of both).
+#[inline(always)]
+pub const fn random_seed(gen: u64, pfn: u64) -> u64 {
+    mix64(pfn ^ mix64(gen.wrapping_add(SPLITMIX_GAMMA)))
+}
+
+/// Word `i` (1..[`PAGE_WORDS`]) of a `fill=random` page whose seed is
+/// `seed`: the i-th output of splitmix64 started at `seed`. Each word is
+/// computed on its own, so a page can be written or checked in any order.
+#[inline(always)]
+pub const fn random_word(seed: u64, i: u64) -> u64 {
+    mix64(seed.wrapping_add(i.wrapping_mul(SPLITMIX_GAMMA)))
+}
+
+/// Word `i` (0..[`PAGE_WORDS`]) of the `fill=random` page of `pfn` at
+/// generation `gen`: word 0 is the same marker as with `fill=word`
+/// ([`page_word`]), the other 511 are [`random_word`]s.
+#[allow(dead_code)] // host side only
+pub const fn random_page_word(gen: u64, pfn: u64, i: u64) -> u64 {
+    if i == 0 {
+        page_word(gen, pfn)
+    } else {
+        random_word(random_seed(gen, pfn), i)
+    }
+}
+
+/// The whole `fill=random` page of `pfn` at generation `gen`, as the guest
+/// stores it (little-endian words); for host-side checks.
+#[allow(dead_code)] // host side only
+pub fn random_page(gen: u64, pfn: u64) -> [u8; PAGE_SIZE] {
+    let mut page = [0u8; PAGE_SIZE];
+    let seed = random_seed(gen, pfn);
+    for (i, w) in page.chunks_exact_mut(8).enumerate() {
+        let word = if i == 0 { page_word(gen, pfn) } else { random_word(seed, i as u64) };
+        w.copy_from_slice(&word.to_le_bytes());
+    }
+    page
 }
 
 /// Generation a working-set page must hold: `passes` passes of its CPU are

@@ -51,6 +51,9 @@ mod tests {
         assert_eq!(parse("crash=mmio-exec").unwrap().crash, Some(Crash::MmioExec));
         assert_eq!(parse("exit=255").unwrap().exit, Some(255));
         assert_eq!(parse("dirty idle").unwrap().mode, Mode::Idle);
+        assert_eq!(parse("dirty").unwrap().fill, Fill::Word);
+        assert_eq!(parse("dirty fill=random").unwrap().fill, Fill::Random);
+        assert_eq!(parse("dirty fill=random fill=word").unwrap().fill, Fill::Word);
     }
 
     #[test]
@@ -68,6 +71,10 @@ mod tests {
             "idle=1",
             "verify=yes",
             "tsc_khz=0",
+            "fill",
+            "fill=",
+            "fill=zero",
+            "fill=Random",
         ] {
             assert_eq!(parse(&format!("dirty {bad} passes=1")), Err(bad), "{bad}");
         }
@@ -128,6 +135,68 @@ mod tests {
         assert_eq!(expected_gen(3, 10, 9), 4);
         assert_eq!(expected_gen(3, 10, 10), 3);
         assert_eq!(expected_gen(0, 0, 0), 0);
+    }
+
+    #[test]
+    fn random_words_are_splitmix64() {
+        // Reference splitmix64 (Vigna), sequential form: state += gamma; mix.
+        let mut state = 0u64;
+        let mut next = || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let seq: Vec<u64> = (0..4).map(|_| next()).collect();
+        // Published first outputs for seed 0.
+        assert_eq!(seq, [0xe220_a839_7b1d_cdaf, 0x6e78_9e6a_a1b9_65f4, 0x06c4_5d18_8009_454f, 0xf88b_b8a8_724c_81ec]);
+        for (i, &w) in seq.iter().enumerate() {
+            assert_eq!(random_word(0, i as u64 + 1), w);
+        }
+        // From any seed, word i is splitmix64's i-th output.
+        let seed = random_seed(5, 0x1234);
+        let mut state = seed;
+        for i in 1..PAGE_WORDS as u64 {
+            state = state.wrapping_add(SPLITMIX_GAMMA);
+            assert_eq!(random_word(seed, i), mix64(state));
+        }
+    }
+
+    #[test]
+    fn random_pages() {
+        let page = random_page(3, 0x2345);
+        let word = |p: &[u8; PAGE_SIZE], i: usize| u64::from_le_bytes(p[8 * i..8 * i + 8].try_into().unwrap());
+        // Word 0 is the fill=word marker, so pfn/generation stay visible.
+        assert_eq!(word(&page, 0), page_word(3, 0x2345));
+        let seed = random_seed(3, 0x2345);
+        for i in 0..PAGE_WORDS {
+            assert_eq!(word(&page, i), random_page_word(3, 0x2345, i as u64));
+            if i > 0 {
+                assert_eq!(word(&page, i), random_word(seed, i as u64));
+            }
+        }
+        // Deterministic, and different for another generation or page
+        // (also when only bits above the marker's 32 differ).
+        assert_eq!(page, random_page(3, 0x2345));
+        for (gen, pfn) in [(4, 0x2345), (3, 0x2346), (3 + (1 << 32), 0x2345), (3, 0x2345 + (1 << 32)), (0, 0)] {
+            let other = random_page(gen, pfn);
+            let same = (1..PAGE_WORDS).filter(|&i| word(&other, i) == word(&page, i)).count();
+            assert_eq!(same, 0, "gen {gen} pfn {pfn:#x}");
+        }
+        // Looks random: all words distinct, every byte value about equally
+        // common (64 pages = 256 KiB, expected 1024 of each).
+        let mut words: Vec<u64> = (1..PAGE_WORDS).map(|i| word(&page, i)).collect();
+        words.sort_unstable();
+        words.dedup();
+        assert_eq!(words.len(), PAGE_WORDS - 1);
+        let mut hist = [0u32; 256];
+        for pfn in 0x200..0x240 {
+            for &b in random_page(1, pfn)[8..].iter() {
+                hist[b as usize] += 1;
+            }
+        }
+        assert!(hist.iter().all(|&n| (850..1200).contains(&n)), "{hist:?}");
     }
 
     #[test]
