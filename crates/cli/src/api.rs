@@ -1,17 +1,24 @@
 //! The per-VM control API: HTTP/JSON on a unix socket (see docs/api.md).
 
+use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_vmm::Vm;
+use std::sync::OnceLock;
+
+use ferry_migrate::migration::MigrateRequest;
+use ferry_migrate::{Applied, ControlError, Fault, SnapshotRequest, VmController};
 use serde_json::json;
 
-use crate::snapshot::{self, SnapshotRequest, VmHandle};
-
 use crate::http::{read_request, write_response, Request, Response};
+
+/// Most API connections served at once; more get 503 at once instead of a
+/// thread each (3,000 idle connections once made 3,004 threads).
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Errors starting the API server.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +42,18 @@ pub enum ApiError {
 /// A bound API socket; removes the socket file when dropped.
 pub struct ApiServer {
     path: PathBuf,
+    active: Arc<AtomicUsize>,
+}
+
+impl ApiServer {
+    /// Waits up to `timeout` for connections being served to finish, so a
+    /// client whose request was in flight when the VM stopped gets its answer.
+    pub fn drain(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 impl Drop for ApiServer {
@@ -56,25 +75,96 @@ pub fn bind(path: &Path) -> Result<(UnixListener, ApiServer), ApiError> {
         let _ = std::fs::remove_file(path);
     }
     let l = UnixListener::bind(path).map_err(|e| ApiError::Bind { path: path.to_path_buf(), source: e })?;
-    Ok((l, ApiServer { path: path.to_path_buf() }))
+    Ok((l, ApiServer { path: path.to_path_buf(), active: Arc::new(AtomicUsize::new(0)) }))
 }
 
-/// Serves requests until the process ends, one thread per connection.
-pub fn serve(listener: UnixListener, vm: Arc<VmHandle>) {
+/// Counts a connection as active until dropped.
+struct Active(Arc<AtomicUsize>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What the API serves: a VM, or, on a `ferry receive` still waiting for
+/// its VM, a note saying so.
+pub struct Target {
+    ctl: OnceLock<Arc<VmController>>,
+    incoming: String,
+}
+
+impl Target {
+    /// A target that serves `ctl` from the start.
+    pub fn vm(ctl: Arc<VmController>) -> Arc<Target> {
+        let t = Target { ctl: OnceLock::new(), incoming: String::new() };
+        let _ = t.ctl.set(ctl);
+        Arc::new(t)
+    }
+
+    /// A target waiting for an incoming migration on `listen`.
+    pub fn incoming(listen: String) -> Arc<Target> {
+        Arc::new(Target { ctl: OnceLock::new(), incoming: listen })
+    }
+
+    /// Starts serving the VM that arrived.
+    pub fn set(&self, ctl: Arc<VmController>) {
+        let _ = self.ctl.set(ctl);
+    }
+
+    /// The VM, once there is one.
+    pub fn controller(&self) -> Option<&Arc<VmController>> {
+        self.ctl.get()
+    }
+}
+
+/// Answers while a `ferry receive` waits for its VM: `GET /vm` says
+/// `incoming`, every other endpoint 409.
+fn route_incoming(t: &Target, req: &Request) -> Response {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/vm") => Response::json(200, &json!({ "state": "incoming", "listen": t.incoming })),
+        (_, p) if ENDPOINTS.iter().any(|(e, _)| *e == p) => Response::error(
+            409,
+            format!("VM is incoming: waiting for a migration on {}; {p} is served once it arrives", t.incoming),
+        ),
+        (_, p) => Response::error(404, format!("no such endpoint {p}")),
+    }
+}
+
+/// Serves requests until the process ends: a thread per connection, at
+/// most [`MAX_CONNECTIONS`] at once.
+pub fn serve(listener: UnixListener, server: &ApiServer, target: Arc<Target>) {
+    let active = server.active.clone();
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut stream) = conn else { continue };
-                let vm = vm.clone();
-                let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
-                    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    let guard = Active(active.clone());
+                    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+                    let r = Response::error(503, format!("too many API connections (limit {MAX_CONNECTIONS}); retry"));
+                    let _ = write_response(&mut stream, &r);
+                    let _ = stream.flush();
+                    drop(guard);
+                    continue;
+                }
+                let guard = Active(active.clone());
+                let target = target.clone();
+                let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+                    let _guard = guard;
                     let resp = match read_request(&mut stream) {
-                        Ok(req) => route(&vm, &req),
+                        Ok(req) => match target.controller() {
+                            Some(ctl) => route(ctl, &req),
+                            None => route_incoming(&target, &req),
+                        },
                         Err(resp) => resp,
                     };
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
                     let _ = write_response(&mut stream, &resp);
                 });
+                // On failure the closure (and its guard) is dropped: the count stays right.
+                drop(spawned);
             }
         })
         .expect("spawn API thread");
@@ -92,82 +182,102 @@ fn body_json(req: &Request) -> Result<serde_json::Value, Response> {
     Ok(v)
 }
 
-fn vm_error(e: ferry_vmm::Error) -> Response {
-    match e {
-        ferry_vmm::Error::WrongState { .. } => Response::error(409, e),
-        other => Response::error(500, other),
+/// Maps a controller error to its status: 400 for the client's mistakes,
+/// 409 for a VM that cannot do it now (with the operation that holds it),
+/// 500 for the VMM's own failures.
+fn control_error(e: ControlError) -> Response {
+    let status = match e.fault() {
+        Fault::Client => 400,
+        Fault::Conflict => 409,
+        Fault::Vmm => 500,
+        Fault::Peer => 502,
+    };
+    let mut body = json!({ "error": e.to_string(), "status": status });
+    if let Some(op) = e.running() {
+        body["operation"] = json!(op);
+    }
+    Response::json(status, &body)
+}
+
+/// The endpoints and the methods each allows.
+const ENDPOINTS: &[(&str, &str)] = &[
+    ("/vm", "GET"),
+    ("/vm/pause", "PUT"),
+    ("/vm/resume", "PUT"),
+    ("/vm/shutdown", "PUT"),
+    ("/vm/memory-digest", "GET"),
+    ("/vm/console", "PUT"),
+    ("/vm/snapshot", "PUT"),
+    ("/vm/migrate", "PUT"),
+    ("/vm/migration", "GET"),
+];
+
+fn run_state_response(ctl: &VmController, applied: Applied, requested: &str) -> Response {
+    match applied {
+        Applied::Now => Response::json(200, &json!({ "state": requested })),
+        Applied::Deferred { until } => Response::json(
+            202,
+            &json!({
+                "state": ctl.vm().status().state,
+                "requested_state": requested,
+                "applies_after": until,
+            }),
+        ),
     }
 }
 
 /// Dispatches one request.
-pub fn route(handle: &Arc<VmHandle>, req: &Request) -> Response {
-    let vm: &Arc<Vm> = &handle.vm;
-    let known = ["/vm", "/vm/pause", "/vm/resume", "/vm/shutdown", "/vm/memory-digest", "/vm/console", "/vm/snapshot"];
+pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
+    let vm = ctl.vm();
     let m = req.method.as_str();
     match (m, req.path.as_str()) {
         ("GET", "/vm") => {
             let mut v = serde_json::to_value(vm.status()).unwrap_or_default();
             v["boot_times"] = serde_json::to_value(vm.boot_times()).unwrap_or_default();
+            let c = ctl.status();
+            v["operation"] = serde_json::to_value(&c.operation).unwrap_or_default();
+            v["requested_state"] = json!(c.requested_state);
+            v["shutting_down"] = json!(c.shutting_down);
             Response::json(200, &v)
         }
-        ("PUT", "/vm/pause") => match body_json(req).and_then(|_| vm.pause().map_err(vm_error)) {
-            Ok(()) => Response::json(200, &json!({ "state": "paused" })),
+        ("PUT", "/vm/pause") => match body_json(req) {
             Err(r) => r,
+            Ok(_) => match ctl.pause() {
+                Ok(a) => run_state_response(ctl, a, "paused"),
+                Err(e) => control_error(e),
+            },
         },
-        ("PUT", "/vm/resume") => match body_json(req).and_then(|_| vm.resume().map_err(vm_error)) {
-            Ok(()) => Response::json(200, &json!({ "state": "running" })),
+        ("PUT", "/vm/resume") => match body_json(req) {
             Err(r) => r,
+            Ok(_) => match ctl.resume() {
+                Ok(a) => run_state_response(ctl, a, "running"),
+                Err(e) => control_error(e),
+            },
         },
         ("PUT", "/vm/shutdown") => {
             let body = match body_json(req) {
                 Ok(b) => b,
                 Err(r) => return r,
             };
+            if let Some(k) = body.as_object().and_then(|o| o.keys().find(|k| *k != "timeout_ms")) {
+                return Response::error(400, format!("unknown field {k:?}; the only field is timeout_ms"));
+            }
             let timeout_ms = match body.get("timeout_ms") {
                 None => 10_000,
                 Some(v) => match v.as_u64() {
-                    Some(t) => t,
-                    None => return Response::error(400, "timeout_ms must be a non-negative integer (milliseconds)"),
+                    Some(t) if t <= 3_600_000 => t,
+                    _ => return Response::error(400, "timeout_ms must be an integer from 0 to 3600000 (milliseconds)"),
                 },
             };
-            if vm.status().state == "stopped" {
-                return Response::error(409, "VM has already stopped");
-            }
-            match vm.request_shutdown(Duration::from_millis(timeout_ms)) {
+            match ctl.shutdown(Duration::from_millis(timeout_ms)) {
                 Ok(()) => Response::json(202, &json!({ "state": "shutting_down", "timeout_ms": timeout_ms })),
-                Err(e) => vm_error(e),
+                Err(e) => control_error(e),
             }
         }
-        ("GET", "/vm/memory-digest") => {
-            let was_paused = vm.is_paused();
-            let t0 = Instant::now();
-            if let Err(e) = vm.pause() {
-                return vm_error(e);
-            }
-            let t1 = Instant::now();
-            let digest = vm.memory_digest();
-            let hash_time = t1.elapsed();
-            if !was_paused {
-                let _ = vm.resume();
-            }
-            match digest {
-                Ok(d) => {
-                    let bytes = vm.ram().size();
-                    Response::json(
-                        200,
-                        &json!({
-                            "algorithm": "blake3",
-                            "digest": d.to_hex().to_string(),
-                            "bytes": bytes,
-                            "hash_ms": hash_time.as_secs_f64() * 1e3,
-                            "pause_ms": if was_paused { 0.0 } else { t0.elapsed().as_secs_f64() * 1e3 },
-                            "gb_per_s": bytes as f64 / hash_time.as_secs_f64().max(1e-9) / 1e9,
-                        }),
-                    )
-                }
-                Err(e) => vm_error(e),
-            }
-        }
+        ("GET", "/vm/memory-digest") => match ctl.memory_digest() {
+            Ok(d) => Response::json(200, &d),
+            Err(e) => control_error(e),
+        },
         ("PUT", "/vm/console") => {
             let body = match body_json(req) {
                 Ok(b) => b,
@@ -193,12 +303,29 @@ pub fn route(handle: &Arc<VmHandle>, req: &Request) -> Response {
                 Ok(r) => r,
                 Err(e) => return Response::error(400, format!("invalid snapshot request: {e}")),
             };
-            match snapshot::take(handle, &req) {
+            match ctl.snapshot(&req) {
                 Ok(v) => Response::json(200, &v),
-                Err(snapshot::SnapError(status, msg)) => Response::error(status, msg),
+                Err(e) => control_error(e),
             }
         }
-        (_, p) if known.contains(&p) => Response::error(405, format!("method {m} not allowed on {p}")),
-        (_, p) => Response::error(404, format!("no such endpoint {p}")),
+        ("PUT", "/vm/migrate") => {
+            let req: MigrateRequest = match serde_json::from_slice(&req.body) {
+                Ok(r) => r,
+                Err(e) => return Response::error(400, format!("invalid migrate request: {e}")),
+            };
+            match ctl.migrate(&req) {
+                Ok(v) => Response::json(200, &v),
+                Err(e) => control_error(e),
+            }
+        }
+        ("GET", "/vm/migration") => Response::json(200, &ctl.migration_progress()),
+        (_, p) => match ENDPOINTS.iter().find(|(path, _)| *path == p) {
+            Some((_, allow)) => {
+                let mut r = Response::error(405, format!("method {m} not allowed on {p}; allowed: {allow}"));
+                r.allow = Some(allow);
+                r
+            }
+            None => Response::error(404, format!("no such endpoint {p}")),
+        },
     }
 }

@@ -7,8 +7,18 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-/// Largest request head plus body the server accepts.
-pub const MAX_REQUEST: usize = 1 << 20;
+/// Largest request head (request line and headers) the server accepts.
+pub const MAX_HEAD: usize = 16 << 10;
+
+/// Largest request body the server accepts.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// Largest response the CLI reads from an API socket.
+pub const MAX_RESPONSE: usize = 16 << 20;
+
+/// Time a client has to send one whole request: a client that dribbles
+/// bytes (slowloris) loses its connection instead of holding a slot.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A parsed request.
 #[derive(Debug)]
@@ -28,15 +38,17 @@ pub struct Response {
     pub status: u16,
     /// JSON body (empty for 204).
     pub body: String,
+    /// Methods the path allows, sent as `Allow` (RFC 9110 requires it on 405).
+    pub allow: Option<&'static str>,
 }
 
 impl Response {
     /// A JSON response.
-    pub fn json(status: u16, value: &serde_json::Value) -> Self {
-        Response { status, body: value.to_string() }
+    pub fn json(status: u16, value: &impl serde::Serialize) -> Self {
+        Response { status, body: serde_json::to_string(value).unwrap_or_default(), allow: None }
     }
 
-    /// An error response with `{"error": ..}`.
+    /// An error response with `{"error": .., "status": ..}`.
     pub fn error(status: u16, msg: impl std::fmt::Display) -> Self {
         Response::json(status, &serde_json::json!({ "error": msg.to_string(), "status": status }))
     }
@@ -50,60 +62,98 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
         _ => "Status",
     }
 }
 
+/// Parses a Content-Length value strictly: ASCII digits only (no sign, no
+/// spaces inside, no list), so that two parsers can never disagree on where
+/// the body ends.
+fn parse_content_length(v: &[u8]) -> Option<usize> {
+    let v = std::str::from_utf8(v).ok()?.trim_matches(|c| c == ' ' || c == '\t');
+    if v.is_empty() || v.len() > 19 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
+/// Reads with what is left of the request deadline as the socket timeout.
+fn read_some(stream: &mut UnixStream, buf: &mut [u8], deadline: std::time::Instant) -> Result<usize, Response> {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    if left.is_zero() {
+        return Err(Response::error(408, format!("request not complete within {} s", REQUEST_DEADLINE.as_secs())));
+    }
+    let _ = stream.set_read_timeout(Some(left));
+    stream.read(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            Response::error(408, format!("request not complete within {} s", REQUEST_DEADLINE.as_secs()))
+        }
+        _ => Response::error(400, format!("reading request: {e}")),
+    })
+}
+
 /// Reads one request; `Err(Response)` is the error to send back.
 pub fn read_request(stream: &mut UnixStream) -> Result<Request, Response> {
+    let deadline = std::time::Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let head_len = loop {
-        let n = stream.read(&mut chunk).map_err(|e| Response::error(400, format!("reading request: {e}")))?;
+        let n = read_some(stream, &mut chunk, deadline)?;
         if n == 0 {
             return Err(Response::error(400, "connection closed before a complete request head"));
         }
         buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_REQUEST {
-            return Err(Response::error(413, format!("request larger than {MAX_REQUEST} bytes")));
-        }
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
             Ok(httparse::Status::Complete(len)) => break len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                return Err(Response::error(431, format!("request head larger than {MAX_HEAD} bytes")));
+            }
             Ok(httparse::Status::Partial) => continue,
             Err(e) => return Err(Response::error(400, format!("malformed HTTP request: {e}"))),
         }
     };
+    if head_len > MAX_HEAD {
+        return Err(Response::error(431, format!("request head of {head_len} bytes is larger than {MAX_HEAD}")));
+    }
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     req.parse(&buf).map_err(|e| Response::error(400, format!("malformed HTTP request: {e}")))?;
     let method = req.method.unwrap_or("").to_string();
     let target = req.path.unwrap_or("/").to_string();
-    let mut content_length = 0usize;
+    let mut content_length: Option<usize> = None;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            content_length = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .ok_or_else(|| Response::error(400, "invalid Content-Length header"))?;
+            let v = parse_content_length(h.value).ok_or_else(|| {
+                Response::error(
+                    400,
+                    format!("invalid Content-Length {:?}: expected decimal digits", String::from_utf8_lossy(h.value)),
+                )
+            })?;
+            if content_length.is_some() {
+                return Err(Response::error(400, "more than one Content-Length header"));
+            }
+            content_length = Some(v);
         }
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err(Response::error(400, "chunked transfer encoding is not supported; send Content-Length"));
         }
     }
-    if head_len + content_length > MAX_REQUEST {
-        return Err(Response::error(
-            413,
-            format!("request body of {content_length} bytes is larger than {MAX_REQUEST}"),
-        ));
+    let content_length = content_length.unwrap_or(0);
+    if content_length > MAX_BODY {
+        return Err(Response::error(413, format!("request body of {content_length} bytes is larger than {MAX_BODY}")));
     }
     let mut body = buf[head_len..].to_vec();
     while body.len() < content_length {
-        let n = stream.read(&mut chunk).map_err(|e| Response::error(400, format!("reading body: {e}")))?;
+        let n = read_some(stream, &mut chunk, deadline)?;
         if n == 0 {
             return Err(Response::error(400, format!("body ended after {} of {content_length} bytes", body.len())));
         }
@@ -117,8 +167,9 @@ pub fn read_request(stream: &mut UnixStream) -> Result<Request, Response> {
 
 /// Writes a response and closes the exchange.
 pub fn write_response(stream: &mut UnixStream, r: &Response) -> std::io::Result<()> {
+    let allow = r.allow.map(|a| format!("Allow: {a}\r\n")).unwrap_or_default();
     let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         r.status,
         reason(r.status),
         r.body.len()
@@ -169,12 +220,19 @@ pub fn request(
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
     s.write_all(req.as_bytes())?;
+    // Bounded: a socket that is not ferry's could send without end.
     let mut out = Vec::new();
-    s.read_to_end(&mut out)?;
+    (&mut s).take(MAX_RESPONSE as u64 + 1).read_to_end(&mut out)?;
+    if out.len() > MAX_RESPONSE {
+        return Err(ClientError::Malformed(format!("response larger than {MAX_RESPONSE} bytes")));
+    }
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(&out) {
         Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if out.is_empty() => {
+            return Err(ClientError::Malformed("the VMM closed the connection without answering (did it exit?)".into()))
+        }
         Ok(httparse::Status::Partial) => return Err(ClientError::Malformed("truncated response head".into())),
         Err(e) => return Err(ClientError::Malformed(e.to_string())),
     };
@@ -190,4 +248,18 @@ pub fn request(
         return Err(ClientError::Status { status, message });
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_content_length;
+
+    #[test]
+    fn content_length_is_digits_only() {
+        assert_eq!(parse_content_length(b"20"), Some(20));
+        assert_eq!(parse_content_length(b" 7 "), Some(7));
+        for bad in [&b"+20"[..], b"-1", b"2 0", b"0x10", b"", b"20, 20", b"99999999999999999999"] {
+            assert_eq!(parse_content_length(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 }

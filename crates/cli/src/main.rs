@@ -2,21 +2,23 @@
 
 mod api;
 mod bench;
+mod certs;
 mod http;
 mod imagecmd;
+mod signals;
 mod size;
-mod snapshot;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use ferry_migrate::snapshot::{CodecChoice, FinalPhase, SnapshotMode, SnapshotRequest};
+use ferry_migrate::VmController;
 use ferry_vmm::{CpuTemplate, KernelSource, Vm, VmConfig};
-use snapshot::VmHandle;
 
 /// The name `--kernel` accepts for the embedded test guest.
 pub const BUILTIN_TEST_GUEST: &str = "builtin:test";
@@ -48,6 +50,15 @@ enum Command {
     Snapshot(SnapshotArgs),
     /// Recreate a VM from an image and run it.
     Restore(RestoreArgs),
+    /// Move a running VM to another host's `ferry receive`, live.
+    Migrate(MigrateArgs),
+    /// Wait for one incoming migration, then run the VM that arrives.
+    Receive(ReceiveArgs),
+    /// Make a CA and certificates for migration over mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        cmd: certs::CertsCmd,
+    },
     /// Check, describe and export images.
     Image {
         #[command(subcommand)]
@@ -105,6 +116,10 @@ pub struct RunArgs {
     /// Write boot timings and memory figures as JSON here when the VM stops.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// On SIGTERM, SIGINT or SIGHUP the guest gets Ctrl-Alt-Del and this
+    /// many milliseconds to stop before ferry stops it.
+    #[arg(long, default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -120,7 +135,7 @@ struct SnapshotArgs {
     pause: bool,
     /// Chunk codec: lz4, zstd or none.
     #[arg(long, default_value = "lz4")]
-    codec: String,
+    codec: CodecChoice,
     /// zstd level.
     #[arg(long)]
     zstd_level: Option<i32>,
@@ -145,10 +160,102 @@ struct SnapshotArgs {
     /// Final phase: cow (write-protect the last dirty pages with userfaultfd,
     /// resume, copy in the background) or copy (copy them while paused).
     #[arg(long, default_value = "cow")]
-    final_phase: String,
+    final_phase: FinalPhase,
     /// Print the statistics as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// TLS files of one migration endpoint.
+#[derive(Args, Clone)]
+struct TlsArgs {
+    /// This host's certificate (PEM; `ferry certs issue` writes DIR/NAME.pem).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// This host's private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA that signs the peer's certificate (PEM; DIR/ca.pem).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// Plain TCP without TLS: guest memory crosses the network in the clear.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    insecure: bool,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// The VM's API socket.
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// Destination: tcp://HOST:PORT or unix://PATH.
+    #[arg(long)]
+    to: String,
+    /// precopy (postcopy and hybrid are not in this build yet).
+    #[arg(long, default_value = "precopy")]
+    mode: ferry_migrate::migration::MigrationMode,
+    /// Pause budget for the stop-and-copy, ms.
+    #[arg(long)]
+    downtime_ms: Option<u64>,
+    /// Most pre-copy rounds.
+    #[arg(long)]
+    max_rounds: Option<u32>,
+    /// Page compression on the wire: lz4 or none.
+    #[arg(long, default_value = "lz4")]
+    compress: ferry_migrate::wire::WireCodec,
+    /// Parallel streams (1 in this build).
+    #[arg(long)]
+    streams: Option<u32>,
+    /// Keep a paused copy here after the commit instead of ending.
+    #[arg(long)]
+    keep_paused: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Name the destination's certificate must carry (default: the host in --to).
+    #[arg(long)]
+    peer_name: Option<String>,
+    /// Compare memory digests at both ends before committing (adds to the downtime).
+    #[arg(long)]
+    verify_digest: bool,
+    /// How long the destination may stall, ms.
+    #[arg(long)]
+    peer_timeout_ms: Option<u64>,
+    /// Print the statistics as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ReceiveArgs {
+    /// Where to listen: tcp://ADDR:PORT or unix://PATH.
+    #[arg(long)]
+    listen: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Certificate name of a source allowed to send a VM (repeat for several).
+    #[arg(long)]
+    allow_peer: Vec<String>,
+    /// Serial port: stdio, file:PATH, unix:PATH or none.
+    #[arg(long, default_value = "stdio")]
+    serial: String,
+    /// Control API socket (answers `incoming` until the VM arrives).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Leave the VM paused after it arrives.
+    #[arg(long)]
+    paused: bool,
+    /// Give up if no source connects within this many ms (default: wait a day).
+    #[arg(long, default_value_t = 86_400_000)]
+    accept_timeout_ms: u64,
+    /// How long the source may stall, ms.
+    #[arg(long, default_value_t = 30_000)]
+    peer_timeout_ms: u64,
+    /// Write the incoming figures and the run report as JSON here when the VM stops.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// On SIGTERM, SIGINT or SIGHUP the guest gets Ctrl-Alt-Del and this many ms.
+    #[arg(long, default_value_t = 10_000)]
+    shutdown_timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -170,6 +277,10 @@ struct RestoreArgs {
     /// Write restore figures and the run report as JSON here when the VM stops.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// On SIGTERM, SIGINT or SIGHUP the guest gets Ctrl-Alt-Del and this
+    /// many milliseconds to stop before ferry stops it.
+    #[arg(long, default_value_t = 10_000)]
+    shutdown_timeout_ms: u64,
     /// Guest memory: `eager` reads it all before the first guest instruction;
     /// `lazy` starts the guest at once and brings pages in on first touch
     /// (userfaultfd) while a background thread prefetches the rest.
@@ -259,18 +370,19 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
             let abs = |p: &Path| -> Result<PathBuf> {
                 Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
             };
-            let body = serde_json::json!({
-                "path": abs(&a.out)?,
-                "mode": if a.pause { "pause" } else { "live" },
-                "codec": a.codec,
-                "zstd_level": a.zstd_level,
-                "key_file": a.key_file.as_deref().map(abs).transpose()?,
-                "parent": a.parent.as_deref().map(abs).transpose()?,
-                "digest": a.digest,
-                "downtime_ms": a.downtime_ms,
-                "max_rounds": a.max_rounds,
-                "final_phase": a.final_phase,
-            });
+            let req = SnapshotRequest {
+                path: abs(&a.out)?,
+                mode: if a.pause { SnapshotMode::Pause } else { SnapshotMode::Live },
+                codec: a.codec,
+                zstd_level: a.zstd_level,
+                key_file: a.key_file.as_deref().map(abs).transpose()?,
+                parent: a.parent.as_deref().map(abs).transpose()?,
+                digest: a.digest,
+                downtime_ms: a.downtime_ms,
+                max_rounds: a.max_rounds,
+                final_phase: a.final_phase,
+            };
+            let body = serde_json::to_value(&req)?;
             let v = api(&a.api_sock, "PUT", "/vm/snapshot", Some(body))?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -280,7 +392,105 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
             Ok(0)
         }
         Command::Restore(a) => restore(a, start),
+        Command::Receive(a) => receive(a, start),
+        Command::Certs { cmd } => certs::run(cmd),
+        Command::Migrate(a) => {
+            let req = ferry_migrate::migration::MigrateRequest {
+                to: a.to.clone(),
+                mode: a.mode,
+                downtime_ms: a.downtime_ms,
+                max_rounds: a.max_rounds,
+                compress: a.compress,
+                streams: a.streams,
+                keep_paused: a.keep_paused,
+                insecure: a.tls.insecure,
+                tls_cert: a.tls.tls_cert.as_deref().map(abs_path).transpose()?,
+                tls_key: a.tls.tls_key.as_deref().map(abs_path).transpose()?,
+                tls_ca: a.tls.tls_ca.as_deref().map(abs_path).transpose()?,
+                peer_name: a.peer_name.clone(),
+                verify_digest: a.verify_digest,
+                peer_timeout_ms: a.peer_timeout_ms,
+            };
+            let progress = progress_printer(a.api_sock.clone(), a.json);
+            let v = api(&a.api_sock, "PUT", "/vm/migrate", Some(serde_json::to_value(&req)?));
+            progress.store(true, std::sync::atomic::Ordering::SeqCst);
+            let v = v?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_migration(&v);
+            }
+            Ok(0)
+        }
         Command::Image { cmd } => imagecmd::run(cmd),
+    }
+}
+
+fn abs_path(p: &Path) -> Result<PathBuf> {
+    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+}
+
+/// Shows the migration's progress on a terminal (one rewritten line) until
+/// the returned flag is set.
+fn progress_printer(sock: PathBuf, quiet: bool) -> Arc<std::sync::atomic::AtomicBool> {
+    use std::io::IsTerminal;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if quiet || !std::io::stderr().is_terminal() {
+        return done;
+    }
+    let d = done.clone();
+    std::thread::spawn(move || {
+        let mut shown = false;
+        while !d.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200));
+            if let Ok(p) = http::request(&sock, "GET", "/vm/migration", None, Duration::from_secs(2)) {
+                if d.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                eprint!(
+                    "\r\x1b[Kmigration {}: {} pages, {:.1} MiB sent, {:.1} s",
+                    p["state"].as_str().unwrap_or("setup"),
+                    p["pages_sent"],
+                    p["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
+                    p["elapsed_ms"].as_f64().unwrap_or(0.0) / 1e3
+                );
+                shown = true;
+            }
+        }
+        if shown {
+            eprintln!();
+        }
+    });
+    done
+}
+
+fn print_migration(v: &serde_json::Value) {
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    println!(
+        "migration {} to {} over {}: {}",
+        v["migration_id"].as_str().unwrap_or(""),
+        v["to"].as_str().unwrap_or(""),
+        v["transport"].as_str().unwrap_or(""),
+        v["state"].as_str().unwrap_or("")
+    );
+    println!("  total            {:.1} ms (setup {:.1} ms)", f("total_ms"), f("setup_ms"));
+    println!("  downtime         {:.2} ms (budget {:.0} ms)", f("downtime_ms"), f("expected_downtime_ms"));
+    let rounds = v["rounds"]
+        .as_array()
+        .map(|r| r.iter().map(|x| x["pages"].as_u64().unwrap_or(0)).collect::<Vec<_>>())
+        .unwrap_or_default();
+    println!(
+        "  rounds           {} ({}), pages per round {rounds:?}",
+        rounds.len(),
+        v["stop_reason"].as_str().unwrap_or("")
+    );
+    println!(
+        "  pages            {} with data, {} zero, {} never touched (not sent)",
+        v["pages_normal"], v["pages_zero"], v["pages_skipped_unpopulated"]
+    );
+    println!("  bytes on wire    {} ({:.0} MB/s in live rounds)", v["bytes_sent"], f("throughput_mb_per_s"));
+    if let Some(d) = v["memory_digest"].as_str() {
+        println!("  memory digest    {d} (both ends agree)");
     }
 }
 
@@ -362,6 +572,9 @@ fn serial_sink(spec: &str) -> Result<SerialEnds> {
 }
 
 fn run(args: RunArgs, start: Instant) -> Result<u8> {
+    // Before any thread exists, so that every thread inherits the mask and
+    // only the signal thread sees SIGTERM, SIGINT and SIGHUP.
+    let signals = signals::block_termination()?;
     let kernel = kernel_source(&args.kernel)?;
     let (out, input) = serial_sink(&args.serial)?;
     // Bind the API socket before booting so a taken path fails fast.
@@ -379,10 +592,74 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         serial_out: out,
     };
     let vm = Arc::new(Vm::boot(cfg, start)?);
-    serve_vm(VmHandle { vm, lineage: Mutex::new(None), memory_ready: None }, api, input, args.report.as_deref(), None)
+    let ctl = VmController::new(vm, None, None);
+    let stop = Stop { signals, timeout: Duration::from_millis(args.shutdown_timeout_ms) };
+    serve_vm(ctl, api, input, args.report.as_deref(), None, stop)
+}
+
+fn receive(a: ReceiveArgs, start: Instant) -> Result<u8> {
+    use ferry_migrate::transport::{Address, Listener, Security, TlsConfig};
+    let blocked = signals::block_termination()?;
+    let (out, input) = serial_sink(&a.serial)?;
+    let api = match &a.api_sock {
+        Some(p) => Some(api::bind(p)?),
+        None => None,
+    };
+    let listen: Address = a.listen.parse()?;
+    let security = match (&a.tls.tls_cert, &a.tls.tls_key, &a.tls.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            if a.allow_peer.is_empty() {
+                bail!("TLS needs at least one --allow-peer NAME: the sources allowed to send a VM");
+            }
+            Security::Tls {
+                config: TlsConfig { cert: cert.clone(), key: key.clone(), ca: ca.clone() },
+                allowed_peers: a.allow_peer.clone(),
+            }
+        }
+        _ if a.tls.insecure || matches!(listen, Address::Unix(_)) => Security::Insecure,
+        _ => bail!("listening on TCP needs TLS (--tls-cert, --tls-key, --tls-ca) or an explicit --insecure"),
+    };
+    let listener = Listener::bind(&listen, security)?;
+    eprintln!("ferry: waiting for a migration on {}", listener.local_addr());
+    let target = api::Target::incoming(listener.local_addr().to_string());
+    let server = api.map(|(l, server)| {
+        api::serve(l, &server, target.clone());
+        server
+    });
+    let signal = signals::spawn_shutdown_thread(
+        blocked,
+        signals::Watched::Incoming(target.clone(), a.api_sock.clone()),
+        Duration::from_millis(a.shutdown_timeout_ms),
+    )?;
+    let opts = ferry_migrate::migration::ReceiveOptions {
+        accept_timeout: Duration::from_millis(a.accept_timeout_ms),
+        peer_timeout: Duration::from_millis(a.peer_timeout_ms),
+        serial_out: out,
+        process_start: start,
+        paused: a.paused,
+    };
+    let got = ferry_migrate::migration::receive(&listener, opts).context("incoming migration")?;
+    drop(listener);
+    let s = got.stats.clone();
+    eprintln!(
+        "ferry: received VM {} (migration {}) from {}{}: {} pages, {} zero pages, {} bytes; running {:.2} ms after its state arrived",
+        got.vm_id,
+        s.migration_id,
+        s.peer,
+        s.peer_name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default(),
+        s.pages,
+        s.zero_pages,
+        s.bytes_received,
+        s.switchover_ms
+    );
+    let ctl = Arc::new(VmController::with_id(got.vm, None, None, got.vm_id));
+    target.set(ctl.clone());
+    let incoming_json = move || serde_json::to_value(&s).unwrap_or_default();
+    serve_vm_with(ctl, server, input, a.report.as_deref(), Some(&incoming_json), signal)
 }
 
 fn restore(a: RestoreArgs, start: Instant) -> Result<u8> {
+    let signals = signals::block_termination()?;
     let (out, input) = serial_sink(&a.serial)?;
     let api = match &a.api_sock {
         Some(p) => Some(api::bind(p)?),
@@ -437,8 +714,9 @@ fn restore(a: RestoreArgs, start: Instant) -> Result<u8> {
         j
     };
     let memory_ready = lazy.as_ref().map(|l| l.completion());
-    let handle = VmHandle { vm, lineage: Mutex::new(root), memory_ready };
-    let code = serve_vm(handle, api, input, a.report.as_deref(), Some(&restore_json))?;
+    let ctl = VmController::new(vm, root, memory_ready);
+    let stop = Stop { signals, timeout: Duration::from_millis(a.shutdown_timeout_ms) };
+    let code = serve_vm(ctl, api, input, a.report.as_deref(), Some(&restore_json), stop)?;
     if let Some(l) = lazy {
         let s = l.finish();
         let prefetch = match (s.prefetch_ms, s.prefetch_gb_per_s) {
@@ -457,20 +735,44 @@ fn restore(a: RestoreArgs, start: Instant) -> Result<u8> {
     Ok(code)
 }
 
+/// How a served VM reacts to termination signals.
+struct Stop {
+    signals: signals::Blocked,
+    timeout: Duration,
+}
+
+/// How long, after the guest stopped, ferry waits for an operation that was
+/// running (a snapshot) to end and answer its client before it exits.
+const OPERATION_DRAIN: Duration = Duration::from_secs(30);
+
 /// Serves the API and the console of a running VM until it stops.
 fn serve_vm(
-    handle: VmHandle,
+    ctl: VmController,
     api: Option<(std::os::unix::net::UnixListener, api::ApiServer)>,
     input: Option<Box<dyn Read + Send>>,
     report: Option<&Path>,
     restore: Option<&dyn Fn() -> serde_json::Value>,
+    stop: Stop,
 ) -> Result<u8> {
-    let handle = Arc::new(handle);
-    let vm = handle.vm.clone();
-    let _server = api.map(|(listener, server)| {
-        api::serve(listener, handle.clone());
+    let ctl = Arc::new(ctl);
+    let server = api.map(|(listener, server)| {
+        api::serve(listener, &server, api::Target::vm(ctl.clone()));
         server
     });
+    let signal = signals::spawn_shutdown_thread(stop.signals, signals::Watched::Vm(ctl.clone()), stop.timeout)?;
+    serve_vm_with(ctl, server, input, report, restore, signal)
+}
+
+/// The part of [`serve_vm`] after the API and the signal thread are up.
+fn serve_vm_with(
+    ctl: Arc<VmController>,
+    server: Option<api::ApiServer>,
+    input: Option<Box<dyn Read + Send>>,
+    report: Option<&Path>,
+    restore: Option<&dyn Fn() -> serde_json::Value>,
+    signal: signals::Received,
+) -> Result<u8> {
+    let vm = ctl.vm().clone();
     if let Some(mut input) = input {
         let vm = vm.clone();
         std::thread::Builder::new().name("serial-in".into()).spawn(move || {
@@ -491,8 +793,17 @@ fn serve_vm(
         })?;
     }
     let reason = vm.wait();
+    // An operation running when the guest stopped fails at its next pause;
+    // let it clean up (temp files) and answer its client before exiting.
+    ctl.wait_idle(OPERATION_DRAIN);
+    if let Some(s) = &server {
+        s.drain(Duration::from_secs(2));
+    }
     if let Some(path) = report {
         let mut report = serde_json::to_value(bench::RunReport::collect(&vm, &reason))?;
+        if let Some(sig) = signal.received() {
+            report["signal"] = serde_json::json!(sig);
+        }
         if let Some(r) = restore {
             report["restore"] = r();
         }

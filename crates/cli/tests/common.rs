@@ -45,6 +45,23 @@ impl Guest {
         Self::spawn(dir, "restore", args)
     }
 
+    /// `ferry receive` with the given arguments.
+    pub fn start_receive(dir: tempfile::TempDir, args: &[&str]) -> Guest {
+        Self::spawn(dir, "receive", args)
+    }
+
+    /// Waits for a stderr line containing `needle` (stderr is collected apart from serial output).
+    pub fn wait_stderr(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.stderr.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("no stderr line with {needle:?} in time"),
+            }
+        }
+    }
+
     fn spawn(dir: tempfile::TempDir, cmd: &str, args: &[&str]) -> Guest {
         let mut child = Command::new(ferry())
             .arg(cmd)

@@ -6,6 +6,8 @@
 //! is detected once, at open, when the unwrap's tag fails.
 
 use std::fmt;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use aes_gcm::aead::AeadInPlace;
@@ -24,6 +26,18 @@ pub(crate) const ROOT_TAG_CONTEXT: &str = "ferry image root tag v1";
 pub(crate) const WRAP_AAD: &[u8] = b"ferry image data key v1";
 /// Length of the GCM tag appended to every encrypted payload.
 pub const TAG_LEN: usize = 16;
+
+/// The largest key file accepted, in bytes.
+///
+/// A key file holds a secret (32 bytes from /dev/urandom are plenty, and the
+/// whole file is hashed into a 256-bit key anyway), so anything larger than a
+/// page is a mistake: a wrong path, an image or a device such as /dev/zero.
+/// The bound is checked before reading and enforced while reading, so a key
+/// file never costs more than this many bytes (plus one) of memory.
+pub const MAX_KEY_FILE_BYTES: u64 = 4096;
+
+/// Opening with O_NONBLOCK: a path swapped for a FIFO after the stat cannot block the open.
+const O_NONBLOCK: i32 = libc::O_NONBLOCK;
 
 /// Which kind of record a nonce belongs to; part of the nonce so indices never collide.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,9 +70,82 @@ impl UserKey {
     }
 
     /// Reads a key file and derives the key from its contents.
+    ///
+    /// The path is the user's (a CLI flag or the API's `key_file`), so it is
+    /// checked before anything is read: it must be a regular file (symlinks
+    /// are followed) of 1 to `MAX_KEY_FILE_BYTES` bytes. `/dev/zero`, a FIFO,
+    /// a directory or a huge file is refused with the path and the reason,
+    /// never read until memory runs out or opened in a way that blocks. The
+    /// read itself is bounded too, so a file that grows meanwhile is refused.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| Error::io("read key file", path, e))?);
+        // stat before open: opening a FIFO for reading blocks until a writer
+        // comes, and opening a device can have side effects.
+        let meta = std::fs::metadata(path).map_err(|e| Error::io("read key file", path, e))?;
+        check_key_file_meta(path, &meta)?;
+        // O_NONBLOCK: should the path be swapped for a FIFO after the stat, the
+        // open returns at once (and the fstat below refuses it) instead of
+        // blocking. It has no effect on regular files.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(O_NONBLOCK)
+            .open(path)
+            .map_err(|e| Error::io("open key file", path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io("stat key file", path, e))?;
+        check_key_file_meta(path, &meta)?;
+        let bytes = read_key_bytes(&file, path)?;
         Self::from_bytes(&bytes)
+    }
+}
+
+/// Reads at most `MAX_KEY_FILE_BYTES` + 1 bytes, refusing more (a file that
+/// grew after its size was checked) and none.
+fn read_key_bytes(r: impl Read, path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    // Capacity for the whole bound up front: the buffer never reallocates, so
+    // no copy of the secret is left behind in freed memory.
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_KEY_FILE_BYTES as usize + 1));
+    r.take(MAX_KEY_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| Error::io("read key file", path, e))?;
+    if bytes.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(Error::KeyFileTooBig {
+            path: path.to_path_buf(),
+            size: bytes.len() as u64,
+            max: MAX_KEY_FILE_BYTES,
+        });
+    }
+    if bytes.is_empty() {
+        return Err(Error::KeyFileEmpty { path: path.to_path_buf() });
+    }
+    Ok(bytes)
+}
+
+/// Refuses a key file that is not a regular file or is larger than `MAX_KEY_FILE_BYTES`.
+fn check_key_file_meta(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    if !meta.is_file() {
+        return Err(Error::KeyFileNotRegular { path: path.to_path_buf(), kind: file_kind(&meta.file_type()) });
+    }
+    if meta.len() > MAX_KEY_FILE_BYTES {
+        return Err(Error::KeyFileTooBig { path: path.to_path_buf(), size: meta.len(), max: MAX_KEY_FILE_BYTES });
+    }
+    Ok(())
+}
+
+/// What kind of file this is, for "X is a character device, not a regular file".
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "a file of unknown type"
     }
 }
 
@@ -241,5 +328,114 @@ mod tests {
     fn empty_key_file_refused() {
         assert!(UserKey::from_bytes(b"").is_err());
         assert_eq!(format!("{:?}", UserKey::from_bytes(b"x").unwrap()), "UserKey(..)");
+    }
+
+    #[test]
+    fn key_file_size_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("key");
+        std::fs::write(&p, vec![7u8; MAX_KEY_FILE_BYTES as usize]).unwrap();
+        let k = UserKey::from_file(&p).unwrap();
+        assert_eq!(*k.kek, *UserKey::from_bytes(&[7u8; MAX_KEY_FILE_BYTES as usize]).unwrap().kek);
+
+        std::fs::write(&p, vec![7u8; MAX_KEY_FILE_BYTES as usize + 1]).unwrap();
+        let e = UserKey::from_file(&p).unwrap_err();
+        assert!(matches!(e, Error::KeyFileTooBig { size: 4097, max: 4096, .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("key file {} is 4097 bytes", p.display())), "{msg}");
+        assert!(msg.contains("4096"), "{msg}");
+
+        // A large sparse file is refused from its size alone, without reading it.
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(64 << 30).unwrap();
+        let e = UserKey::from_file(&p).unwrap_err();
+        assert!(matches!(e, Error::KeyFileTooBig { size, .. } if size == 64 << 30), "{e:?}");
+
+        std::fs::write(&p, b"").unwrap();
+        let e = UserKey::from_file(&p).unwrap_err();
+        assert!(matches!(e, Error::KeyFileEmpty { .. }), "{e:?}");
+        assert_eq!(e.to_string(), format!("key file {} is empty", p.display()));
+
+        let missing = dir.path().join("missing");
+        let e = UserKey::from_file(&missing).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+        assert!(e.to_string().contains(&missing.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn key_file_must_be_a_regular_file() {
+        let e = UserKey::from_file(Path::new("/dev/zero")).unwrap_err();
+        assert!(matches!(e, Error::KeyFileNotRegular { kind: "a character device", .. }), "{e:?}");
+        assert_eq!(e.to_string(), "key file /dev/zero is a character device, not a regular file");
+
+        let dir = tempfile::tempdir().unwrap();
+        let e = UserKey::from_file(dir.path()).unwrap_err();
+        assert_eq!(e.to_string(), format!("key file {} is a directory, not a regular file", dir.path().display()));
+
+        // Symlinks are followed: to a regular file is fine, to a device is not.
+        let real = dir.path().join("real");
+        std::fs::write(&real, b"secret").unwrap();
+        let good = dir.path().join("good");
+        std::os::unix::fs::symlink(&real, &good).unwrap();
+        assert_eq!(*UserKey::from_file(&good).unwrap().kek, *UserKey::from_bytes(b"secret").unwrap().kek);
+        let bad = dir.path().join("bad");
+        std::os::unix::fs::symlink("/dev/zero", &bad).unwrap();
+        let e = UserKey::from_file(&bad).unwrap_err();
+        assert!(matches!(e, Error::KeyFileNotRegular { kind: "a character device", .. }), "{e:?}");
+
+        let sock = dir.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let e = UserKey::from_file(&sock).unwrap_err();
+        assert!(matches!(e, Error::KeyFileNotRegular { kind: "a socket", .. }), "{e:?}");
+    }
+
+    #[test]
+    fn key_read_is_bounded_even_if_the_file_grows() {
+        // An endless reader stands in for a file that grows after the size check.
+        let p = Path::new("/growing/key");
+        let e = read_key_bytes(std::io::repeat(1), p).unwrap_err();
+        assert!(matches!(e, Error::KeyFileTooBig { size: 4097, max: 4096, .. }), "{e:?}");
+        assert_eq!(read_key_bytes(&b"k"[..], p).unwrap().as_slice(), b"k");
+        assert!(matches!(read_key_bytes(std::io::empty(), p), Err(Error::KeyFileEmpty { .. })));
+    }
+
+    /// Makes a FIFO with mkfifo(1) (this crate has no libc dependency).
+    fn mkfifo(path: &Path) {
+        let st = std::process::Command::new("mkfifo").arg(path).status().expect("run mkfifo");
+        assert!(st.success(), "mkfifo {} failed", path.display());
+    }
+
+    /// Runs `f` on a thread and fails the test if it has not returned within 10 s.
+    fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap_or_else(|_| panic!("{what} blocked"))
+    }
+
+    #[test]
+    fn key_file_fifo_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        mkfifo(&fifo);
+        let p = fifo.clone();
+        let e = within_10s("UserKey::from_file on a FIFO", move || UserKey::from_file(&p)).unwrap_err();
+        assert_eq!(e.to_string(), format!("key file {} is a FIFO (named pipe), not a regular file", fifo.display()));
+    }
+
+    /// The open after the stat uses O_NONBLOCK, so a path swapped for a FIFO in
+    /// between cannot block it either: check the flag really is O_NONBLOCK.
+    #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "x86", target_arch = "aarch64")))]
+    #[test]
+    fn nonblocking_open_of_a_fifo_returns_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        mkfifo(&fifo);
+        let f = within_10s("opening a FIFO with O_NONBLOCK", move || {
+            std::fs::OpenOptions::new().read(true).custom_flags(O_NONBLOCK).open(&fifo)
+        })
+        .unwrap();
+        assert!(f.metadata().unwrap().file_type().is_fifo());
     }
 }

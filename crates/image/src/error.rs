@@ -282,6 +282,33 @@ pub enum Error {
         max: usize,
     },
 
+    /// A key file is not a regular file (a device such as /dev/zero, a FIFO, a directory...).
+    #[error("key file {path} is {kind}, not a regular file")]
+    KeyFileNotRegular {
+        /// The key file (as given; symlinks are followed).
+        path: PathBuf,
+        /// What it is instead ("a character device", "a FIFO (named pipe)", "a directory"...).
+        kind: &'static str,
+    },
+
+    /// A key file is larger than `MAX_KEY_FILE_BYTES`.
+    #[error("key file {path} is {size} bytes, more than the {max} bytes a key file may have (32 random bytes make a good key)")]
+    KeyFileTooBig {
+        /// The key file.
+        path: PathBuf,
+        /// Its size (at least this many bytes when it grew while being read).
+        size: u64,
+        /// The limit, `MAX_KEY_FILE_BYTES`.
+        max: u64,
+    },
+
+    /// A key file has no bytes.
+    #[error("key file {path} is empty")]
+    KeyFileEmpty {
+        /// The key file.
+        path: PathBuf,
+    },
+
     /// A caller passed an invalid argument (misaligned address, bad length, bad range list).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

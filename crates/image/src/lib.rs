@@ -50,7 +50,7 @@ mod writer;
 mod tests;
 
 pub use chain::{open_chain, resolve_parent_path, ImageChain, MAX_CHAIN_LEN};
-pub use crypto::{UserKey, KEY_FILE_CONTEXT};
+pub use crypto::{UserKey, KEY_FILE_CONTEXT, MAX_KEY_FILE_BYTES};
 pub use error::{Error, Result};
 pub use export::{write_elf_core, write_lime, write_raw, CpuRegs, MemorySource};
 pub use hash::Hash32;
@@ -60,7 +60,7 @@ pub use header::{
 };
 pub use reader::{ImageReader, RunData, VerifyReport};
 pub use record::{PageRun, RunKind, MAX_RUNS_PER_CHUNK};
-pub use writer::{ImageSummary, ImageWriter, WriteOptions};
+pub use writer::{check_output_path, ImageSummary, ImageWriter, WriteOptions};
 
 /// Root hash of an image (alias: the same 32-byte BLAKE3 digest type).
 pub type RootHash = Hash32;

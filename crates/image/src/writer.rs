@@ -127,6 +127,90 @@ fn check_options(input: &ImageHeaderInput, opts: &WriteOptions) -> Result<()> {
     Ok(())
 }
 
+/// Filesystems where an image never belongs: writing there changes kernel
+/// state or fails in confusing ways (procfs, sysfs, cgroupfs, debugfs...).
+const PSEUDO_FS: &[(i64, &str)] = &[
+    (0x9fa0, "procfs"),
+    (0x6265_6572, "sysfs"),
+    (0x27e0eb, "cgroupfs"),
+    (0x6367_7270, "cgroup2"),
+    (0x6462_6720, "debugfs"),
+    (0x7472_6163, "tracefs"),
+    (0x7363_6673, "securityfs"),
+    (0xcafe_4a11, "bpffs"),
+];
+
+/// Checks that `path` names a place where an image may be written: a name
+/// that is not `/`, `.` or `..`, no NUL byte, an existing directory that is
+/// not a kernel pseudo filesystem, and either nothing at the path yet or a
+/// regular file (never a device, FIFO, socket, directory or symbolic link:
+/// the final rename would replace it, which turned `/dev/null` into a file).
+pub fn check_output_path(path: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let bad = |why: String| Err(Error::InvalidArgument(format!("image path {:?}: {why}", path.display().to_string())));
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() {
+        return bad("empty path".into());
+    }
+    if bytes.contains(&0) {
+        return bad("contains a NUL byte".into());
+    }
+    let Some(_) = path.file_name() else {
+        return bad("names a directory, not a file".into());
+    };
+    if bytes.ends_with(b"/") {
+        return bad("ends with '/': names a directory, not a file".into());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return bad(format!("{} is not a directory", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return bad(format!("directory {} does not exist", dir.display()))
+        }
+        Err(e) => return bad(format!("directory {}: {e}", dir.display())),
+    }
+    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) {
+        // SAFETY: c is a valid NUL-terminated path and st a writable statfs.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 {
+            let ty = st.f_type as i64;
+            if let Some((_, name)) = PSEUDO_FS.iter().find(|(m, _)| *m == ty) {
+                return bad(format!("{} is on {name}, a kernel pseudo filesystem", dir.display()));
+            }
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => bad(e.to_string()),
+        Ok(m) => {
+            let t = m.file_type();
+            let kind = if t.is_file() {
+                return Ok(());
+            } else if t.is_symlink() {
+                "a symbolic link"
+            } else if t.is_dir() {
+                "a directory"
+            } else if t.is_char_device() {
+                "a character device"
+            } else if t.is_block_device() {
+                "a block device"
+            } else if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            };
+            bad(format!("is {kind}; an image is written only to a regular file, so it is left alone"))
+        }
+    }
+}
+
 /// Per-process counter making temp names unique when one process writes the same path twice.
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -171,6 +255,7 @@ impl ImageWriter {
     pub fn create(path: &Path, input: ImageHeaderInput, opts: WriteOptions) -> Result<Self> {
         let started = Instant::now();
         check_options(&input, &opts)?;
+        check_output_path(path)?;
         let file_name = path
             .file_name()
             .ok_or_else(|| Error::InvalidArgument(format!("image path {} has no file name", path.display())))?;

@@ -185,7 +185,7 @@ impl Shared {
             None => return false,
             Some(w) => w.upgrade(),
         };
-        vm.is_none_or(|vm| vm.status().state == "stopped")
+        vm.is_none_or(|vm| vm.status().state == ferry_vmm::RunState::Stopped)
     }
 
     /// The region and page index of a host address.
@@ -408,7 +408,7 @@ impl LazyRestore {
             // Memory is not all in place: a VM still running must not go on without it.
             let vm = self.sh.fail.lock().unwrap().vm.as_ref().and_then(Weak::upgrade);
             if let Some(vm) = vm {
-                if vm.status().state != "stopped" {
+                if vm.status().state != ferry_vmm::RunState::Stopped {
                     vm.stop(crash("the lazy restore was ended while the VM was running"));
                 }
             }

@@ -7,16 +7,24 @@
 
 #![deny(missing_docs)]
 
+pub mod certs;
+pub mod control;
 pub mod lazy;
+pub mod migration;
 pub mod precopy;
 pub mod regs;
 pub mod restore;
 pub mod sink;
+pub mod snapshot;
+pub mod transport;
+pub mod wire;
 
+pub use control::{Applied, ControlError, Fault, Operation, VmController};
 pub use lazy::{LazyCompletion, LazyRestore, LazyStats};
-pub use precopy::{precopy, PrecopyConfig, PrecopyStats, RoundStats};
+pub use precopy::{precopy, CowStats, PrecopyConfig, PrecopyStats, RoundStats, StopReason};
 pub use restore::{restore_from_image, MemoryMode, RestoreOptions, RestoreStats, Restored};
 pub use sink::PageSink;
+pub use snapshot::{SnapshotError, SnapshotRequest, SnapshotStats};
 
 /// Errors of the engine and of restore.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +57,12 @@ pub enum Error {
     /// The copy-on-write phase (userfaultfd write protection) failed.
     #[error("copy-on-write snapshot: {0}")]
     Cow(String),
+    /// The migration stream failed or carried something wrong.
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    /// A migration transport failed (address, socket, TLS files or handshake).
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
 }
 
 /// Result alias.

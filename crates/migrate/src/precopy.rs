@@ -46,6 +46,11 @@ pub struct PrecopyConfig {
     /// dirties memory faster than it can be copied. A set that fits the
     /// budget is copied while paused either way.
     pub copy_on_write: bool,
+    /// Leave the guest paused after the final copy and state capture (a
+    /// migration's stop-and-copy: the guest resumes at the destination, or
+    /// here only if the commit fails). Implies copying the last dirty set
+    /// while paused.
+    pub end_paused: bool,
 }
 
 impl Default for PrecopyConfig {
@@ -57,6 +62,7 @@ impl Default for PrecopyConfig {
             digest: false,
             incremental: false,
             copy_on_write: true,
+            end_paused: false,
         }
     }
 }
@@ -74,6 +80,22 @@ pub struct RoundStats {
     pub ms: f64,
     /// Whether the guest was paused during this round.
     pub paused: bool,
+}
+
+/// Why live rounds ended and the final pause began.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The dirty set fit the pause budget.
+    Converged,
+    /// The round limit was reached.
+    MaxRounds,
+    /// The dirty set stopped shrinking (less than 10% a round).
+    NotConverging,
+    /// No live rounds: the guest was paused from the start (stop-the-world,
+    /// or it was paused already).
+    #[default]
+    Paused,
 }
 
 /// What a pre-copy did.
@@ -97,8 +119,8 @@ pub struct PrecopyStats {
     pub data_pages_sent: u64,
     /// BLAKE3 memory digest at the final pause (when asked for).
     pub memory_digest: Option<String>,
-    /// Why iteration stopped: converged, max_rounds, not_converging, or paused (stop-the-world).
-    pub stop_reason: String,
+    /// Why iteration stopped.
+    pub stop_reason: StopReason,
     /// Copy-on-write phase, when used.
     pub cow: Option<CowStats>,
     /// Why the copy-on-write phase was not possible and the final pages were copied while paused.
@@ -438,7 +460,7 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
         let mut rate_pages_per_ms = (r1.pages as f64 / r1.ms.max(0.001)).max(1.0);
         let budget_pages = |rate: f64| (rate * ms(cfg.downtime_target) * FINAL_COPY_SHARE) as u64;
         stats.rounds.push(r1);
-        stats.stop_reason = "paused".into();
+        stats.stop_reason = StopReason::Paused;
         if live {
             let mut prev = u64::MAX;
             loop {
@@ -447,7 +469,7 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
                 if n <= budget_pages(rate_pages_per_ms) {
                     // Small enough: leave it for the pause. KVM has cleared
                     // these bits, so stash them for the final round.
-                    stats.stop_reason = "converged".into();
+                    stats.stop_reason = StopReason::Converged;
                     pause_start = Some(Instant::now());
                     vm.pause()?;
                     let rest = vm.take_dirty_log()?;
@@ -465,7 +487,8 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
                 let not_converging = n as f64 > prev as f64 * 0.9;
                 prev = n;
                 if rounds >= cfg.max_rounds || (rounds >= 3 && not_converging) {
-                    stats.stop_reason = if rounds >= cfg.max_rounds { "max_rounds" } else { "not_converging" }.into();
+                    stats.stop_reason =
+                        if rounds >= cfg.max_rounds { StopReason::MaxRounds } else { StopReason::NotConverging };
                     pause_start = Some(Instant::now());
                     vm.pause()?;
                     final_set = Some(vm.take_dirty_log()?);
@@ -490,7 +513,7 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
         match final_set {
             // Copy-on-write only pays when the last dirty set would not fit the
             // pause budget: it costs the guest write faults and the protect calls.
-            Some(set) if cfg.copy_on_write && count(&set) > budget_pages(rate_pages_per_ms) => {
+            Some(set) if cfg.copy_on_write && !cfg.end_paused && count(&set) > budget_pages(rate_pages_per_ms) => {
                 match Cow::protect(&regions, &set) {
                     Ok(cow) => {
                         vm.resume()?;
@@ -511,13 +534,13 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
             }
             Some(set) => {
                 stats.rounds.push(round(&regions, &set, sink, true)?);
-                if !was_paused {
+                if !was_paused && !cfg.end_paused {
                     vm.resume()?;
                 }
                 stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);
             }
             None => {
-                if !was_paused {
+                if !was_paused && !cfg.end_paused {
                     vm.resume()?;
                 }
                 stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);

@@ -3,7 +3,8 @@
 //! initrd, GDT, MP table.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use linux_loader::bootparam::{boot_e820_entry, boot_params};
@@ -84,18 +85,76 @@ fn open_kernel(src: &KernelSource, ram: &GuestRam) -> Result<std::io::Cursor<Vec
     let bytes = match src {
         KernelSource::Bytes(_, b) => b.to_vec(),
         KernelSource::Path(p) => {
-            let mut f = File::open(p).map_err(|e| Error::KernelFile { path: p.clone(), source: e })?;
-            let len = f.seek(SeekFrom::End(0)).map_err(|e| Error::KernelFile { path: p.clone(), source: e })?;
+            let io = |e| Error::KernelFile { path: p.clone(), source: e };
+            let too_big = |size| Error::KernelTooBig { kernel: src.describe(), size, mem: ram.size() };
+            let (f, len) = open_regular(p, "kernel", io)?;
             if len > ram.size() {
-                return Err(Error::KernelTooBig { kernel: src.describe(), size: len, mem: ram.size() });
+                return Err(too_big(len));
             }
-            f.seek(SeekFrom::Start(0)).map_err(|e| Error::KernelFile { path: p.clone(), source: e })?;
-            let mut v = Vec::with_capacity(len as usize);
-            f.read_to_end(&mut v).map_err(|e| Error::KernelFile { path: p.clone(), source: e })?;
+            let v = read_at_most(&f, len, ram.size(), io)?;
+            if v.len() as u64 > ram.size() {
+                return Err(too_big(v.len() as u64));
+            }
             v
         }
     };
     Ok(std::io::Cursor::new(bytes))
+}
+
+/// Opens a kernel or initrd named by the user and returns it with its size,
+/// refusing anything but a regular file (symlinks are followed).
+///
+/// `/dev/zero` as a kernel would otherwise be read until the OOM killer ends
+/// ferry, and a FIFO would block the open. The path is checked with stat
+/// before opening; the open uses `O_NONBLOCK` (no effect on regular files) and
+/// the open file is checked again, so a path swapped in between cannot block
+/// or slip through either.
+fn open_regular(path: &Path, what: &'static str, io: impl Fn(std::io::Error) -> Error) -> Result<(File, u64), Error> {
+    let not_regular = |m: &std::fs::Metadata| Error::NotARegularFile {
+        what,
+        path: path.to_path_buf(),
+        kind: file_kind(&m.file_type()),
+    };
+    let meta = std::fs::metadata(path).map_err(&io)?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(&io)?;
+    let meta = f.metadata().map_err(&io)?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    Ok((f, meta.len()))
+}
+
+/// Reads `f` to its end but never more than `limit` + 1 bytes, so a file
+/// that grows after its size was checked is still bounded (the caller refuses
+/// more than `limit`). `size` is the expected length, for the allocation.
+fn read_at_most(f: &File, size: u64, limit: u64, io: impl Fn(std::io::Error) -> Error) -> Result<Vec<u8>, Error> {
+    let mut v = Vec::with_capacity(size.min(limit) as usize);
+    f.take(limit.saturating_add(1)).read_to_end(&mut v).map_err(io)?;
+    Ok(v)
+}
+
+/// What kind of file this is, for "X is a character device, not a regular file".
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "a file of unknown type"
+    }
 }
 
 fn detect(bytes: &[u8]) -> Option<KernelFormat> {
@@ -238,14 +297,28 @@ pub fn load(ram: &GuestRam, cfg: &BootConfig) -> Result<BootEntry, Error> {
 }
 
 /// Places the initrd page-aligned at the top of RAM below `max_addr`, above the kernel.
+///
+/// The size is checked against the room there before anything is read, and
+/// the read is bounded by that room, so neither a huge file nor one that grows
+/// while read can make ferry allocate more than guest memory.
 fn load_initrd(ram: &GuestRam, path: &Path, max_addr: u64, kernel_end: u64) -> Result<(u64, u64), Error> {
-    let data = std::fs::read(path).map_err(|e| Error::InitrdFile { path: path.to_path_buf(), source: e })?;
-    let size = data.len() as u64;
-    let low_end = ram.regions()[0].end().min(max_addr + 1);
-    let addr = low_end.saturating_sub(size) & !(layout::PAGE_SIZE - 1);
-    if size == 0 || addr <= kernel_end.max(layout::HIGH_MEMORY_START) {
-        return Err(Error::InitrdTooBig { path: path.to_path_buf(), size, room: low_end.saturating_sub(kernel_end) });
+    let io = |e| Error::InitrdFile { path: path.to_path_buf(), source: e };
+    let low_end = ram.regions()[0].end().min(max_addr.saturating_add(1));
+    let floor = kernel_end.max(layout::HIGH_MEMORY_START);
+    let too_big =
+        |size| Error::InitrdTooBig { path: path.to_path_buf(), size, room: low_end.saturating_sub(kernel_end) };
+    // Page-aligned load address for `size` bytes, if they fit above the kernel.
+    let place = |size: u64| {
+        let addr = low_end.saturating_sub(size) & !(layout::PAGE_SIZE - 1);
+        (size != 0 && size <= low_end && addr > floor).then_some(addr)
+    };
+    let (f, len) = open_regular(path, "initrd", io)?;
+    if place(len).is_none() {
+        return Err(too_big(len));
     }
+    let data = read_at_most(&f, len, low_end.saturating_sub(floor), io)?;
+    let size = data.len() as u64;
+    let addr = place(size).ok_or_else(|| too_big(size))?;
     ram.write(addr, &data)?;
     Ok((addr, size))
 }
@@ -272,6 +345,102 @@ mod tests {
         let long = "x".repeat(layout::CMDLINE_MAX);
         let cfg = BootConfig { kernel: &src, initrd: None, cmdline: &long, vcpus: 1 };
         assert!(matches!(load(&ram, &cfg), Err(Error::CmdlineTooLong { .. })));
+    }
+
+    /// Runs `f` on a thread and fails the test if it has not returned within 10 s.
+    fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap_or_else(|_| panic!("{what} blocked"))
+    }
+
+    fn mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: c is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
+    }
+
+    fn kernel_err(path: &Path, ram: &GuestRam) -> Error {
+        match open_kernel(&KernelSource::Path(path.to_path_buf()), ram) {
+            Ok(_) => panic!("kernel {} accepted", path.display()),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn kernel_must_be_a_regular_file_no_larger_than_memory() {
+        let ram = GuestRam::new(32 << 20).unwrap();
+        let e = kernel_err(Path::new("/dev/zero"), &ram);
+        assert!(matches!(e, Error::NotARegularFile { what: "kernel", kind: "a character device", .. }), "{e:?}");
+        assert_eq!(e.to_string(), "kernel /dev/zero is a character device, not a regular file");
+
+        let dir = tempfile::tempdir().unwrap();
+        let e = kernel_err(dir.path(), &ram);
+        assert_eq!(e.to_string(), format!("kernel {} is a directory, not a regular file", dir.path().display()));
+
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        assert!(matches!(kernel_err(&link, &ram), Error::NotARegularFile { kind: "a character device", .. }));
+
+        let fifo = dir.path().join("fifo");
+        mkfifo(&fifo);
+        let (f, r) = (fifo.clone(), GuestRam::new(32 << 20).unwrap());
+        let e = within_10s("opening a FIFO kernel", move || kernel_err(&f, &r));
+        assert_eq!(e.to_string(), format!("kernel {} is a FIFO (named pipe), not a regular file", fifo.display()));
+
+        // A sparse file larger than memory is refused from its size, without reading it.
+        let big = dir.path().join("big");
+        std::fs::File::create(&big).unwrap().set_len(64 << 30).unwrap();
+        let e = kernel_err(&big, &ram);
+        assert!(matches!(e, Error::KernelTooBig { size, mem, .. } if size == 64 << 30 && mem == 32 << 20), "{e:?}");
+
+        let e = kernel_err(&dir.path().join("missing"), &ram);
+        assert!(matches!(e, Error::KernelFile { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn initrd_must_be_a_regular_file_that_fits() {
+        let ram = GuestRam::new(32 << 20).unwrap();
+        let top = u32::MAX as u64;
+        let kend = layout::HIGH_MEMORY_START + (1 << 20);
+        let e = load_initrd(&ram, Path::new("/dev/zero"), top, kend).unwrap_err();
+        assert_eq!(e.to_string(), "initrd /dev/zero is a character device, not a regular file");
+
+        let dir = tempfile::tempdir().unwrap();
+        let e = load_initrd(&ram, dir.path(), top, kend).unwrap_err();
+        assert!(matches!(e, Error::NotARegularFile { what: "initrd", kind: "a directory", .. }), "{e:?}");
+
+        let fifo = dir.path().join("fifo");
+        mkfifo(&fifo);
+        let (f, r) = (fifo.clone(), GuestRam::new(32 << 20).unwrap());
+        let e = within_10s("opening a FIFO initrd", move || load_initrd(&r, &f, top, kend).unwrap_err());
+        assert!(matches!(e, Error::NotARegularFile { kind: "a FIFO (named pipe)", .. }), "{e:?}");
+
+        let big = dir.path().join("big");
+        std::fs::File::create(&big).unwrap().set_len(64 << 30).unwrap();
+        let e = load_initrd(&ram, &big, top, kend).unwrap_err();
+        assert!(matches!(e, Error::InitrdTooBig { size, .. } if size == 64 << 30), "{e:?}");
+        assert!(e.to_string().contains(&big.display().to_string()), "{e}");
+
+        // One that fits lands page-aligned below the end of RAM, above the kernel.
+        let ok = dir.path().join("initrd");
+        std::fs::write(&ok, vec![0x5a; 12345]).unwrap();
+        let (addr, size) = load_initrd(&ram, &ok, top, kend).unwrap();
+        assert_eq!(size, 12345);
+        assert_eq!(addr % layout::PAGE_SIZE, 0);
+        assert!(addr > kend && addr + size <= 32 << 20, "{addr:#x}");
+        assert!(ram.slice(addr, size).unwrap().iter().all(|&b| b == 0x5a));
+    }
+
+    #[test]
+    fn bounded_read_stops_after_the_limit() {
+        // /dev/zero never ends: the read stops one byte past the limit.
+        let f = File::open("/dev/zero").unwrap();
+        let v = read_at_most(&f, 0, 4096, |e| Error::InitrdFile { path: "/dev/zero".into(), source: e }).unwrap();
+        assert_eq!(v.len(), 4097);
     }
 
     #[test]

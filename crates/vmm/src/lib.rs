@@ -25,7 +25,7 @@ pub use boot::{KernelFormat, KernelSource};
 pub use cpu::CpuTemplate;
 pub use memory::{GuestRam, RamRegion};
 pub use state::VmState;
-pub use vm::{BootTimes, ExitReason, Vm, VmConfig, VmStatus};
+pub use vm::{BootTimes, ExitReason, RunState, Vm, VmConfig, VmStatus};
 
 /// Everything that can go wrong creating or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +111,16 @@ pub enum Error {
         size: u64,
         /// Space available.
         room: u64,
+    },
+    /// A kernel or initrd path names a device, FIFO, directory or socket.
+    #[error("{what} {path} is {kind}, not a regular file")]
+    NotARegularFile {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The path as given (symlinks are followed).
+        path: PathBuf,
+        /// What it is instead ("a character device", "a FIFO (named pipe)", "a directory"...).
+        kind: &'static str,
     },
     /// The command line is too long.
     #[error("kernel command line is {len} bytes; at most {max} are allowed")]

@@ -57,6 +57,11 @@ pub enum ExitReason {
     GuestReset,
     /// The host asked for a shutdown and the guest did not finish in time.
     ShutdownForced,
+    /// The guest was handed to another VMM by a live migration; it runs there now.
+    Migrated {
+        /// Where it went.
+        to: String,
+    },
     /// The guest crashed or the hypervisor gave up on it.
     Crash {
         /// vCPU that stopped.
@@ -76,7 +81,7 @@ impl ExitReason {
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::GuestExit { status } => *status as i32,
-            ExitReason::GuestReset | ExitReason::ShutdownForced => 0,
+            ExitReason::GuestReset | ExitReason::ShutdownForced | ExitReason::Migrated { .. } => 0,
             ExitReason::Crash { .. } => 125,
         }
     }
@@ -88,6 +93,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::GuestExit { status } => write!(f, "guest exited with status {status}"),
             ExitReason::GuestReset => write!(f, "guest reset the machine (i8042)"),
             ExitReason::ShutdownForced => write!(f, "guest did not shut down in time; stopped by the host"),
+            ExitReason::Migrated { to } => write!(f, "guest migrated to {to}; it runs there now"),
             ExitReason::Crash { vcpu, what, rip, insn } => {
                 let bytes: Vec<String> = insn.iter().map(|b| format!("{b:02x}")).collect();
                 write!(
@@ -159,11 +165,40 @@ fn as_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::E
     }
 }
 
+/// Whether the guest runs: what `GET /vm` reports as `state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// vCPUs are executing the guest.
+    Running,
+    /// Every vCPU is parked outside `KVM_RUN`.
+    Paused,
+    /// The guest has ended; the VM cannot run again.
+    Stopped,
+}
+
+impl RunState {
+    /// The lower-case name used in messages and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A snapshot of what the VM is, for `GET /vm`.
 #[derive(Clone, Debug, Serialize)]
 pub struct VmStatus {
-    /// running, paused or stopped.
-    pub state: &'static str,
+    /// Running, paused or stopped.
+    pub state: RunState,
     /// Number of vCPUs.
     pub vcpus: u32,
     /// Guest RAM in bytes.
@@ -219,7 +254,7 @@ impl Vm {
     /// Creates the VM, loads the kernel and starts all vCPUs.
     /// `process_start` anchors the boot timestamps.
     pub fn boot(config: VmConfig, process_start: Instant) -> Result<Vm, Error> {
-        let parts = Parts::new(config.mem_bytes, config.vcpus, false)?;
+        let parts = Parts::new(config.mem_bytes, config.vcpus, false, None)?;
         let entry = boot::load(
             &parts.ram,
             &BootConfig {
@@ -263,6 +298,18 @@ impl Vm {
         source: String,
         fill: impl FnOnce(&GuestRam) -> Result<(), Error>,
     ) -> Result<Vm, Error> {
+        Self::restore_parts(state, serial_out, paused, process_start, source, &mut None, fill)
+    }
+
+    fn restore_parts(
+        state: &VmState,
+        serial_out: SerialOut,
+        paused: bool,
+        process_start: Instant,
+        source: String,
+        ram: &mut Option<Arc<GuestRam>>,
+        fill: impl FnOnce(&GuestRam) -> Result<(), Error>,
+    ) -> Result<Vm, Error> {
         if state.version != VM_STATE_VERSION {
             return Err(Error::BadState(format!(
                 "VM state version {} is not supported (this ferry reads version {VM_STATE_VERSION})",
@@ -272,7 +319,7 @@ impl Vm {
         let count = state.vcpus.len() as u32;
         // Restored VMs log dirty pages from the start (their next snapshot can
         // be incremental), so the slots are created with logging on.
-        let parts = Parts::new(state.mem_bytes, count, true)?;
+        let parts = Parts::new(state.mem_bytes, count, true, ram.take())?;
         fill(&parts.ram)?;
         let vm = parts.finish(
             count,
@@ -301,6 +348,27 @@ impl Vm {
             vm.pause()?;
         }
         Ok(vm)
+    }
+
+    /// Recreates a VM from a saved state around guest RAM that is already
+    /// filled (an incoming migration writes pages as they arrive, before the
+    /// state exists). The vCPUs start paused.
+    pub fn restore_with_ram(
+        state: &VmState,
+        ram: Arc<GuestRam>,
+        serial_out: SerialOut,
+        process_start: Instant,
+        source: String,
+    ) -> Result<Vm, Error> {
+        if ram.size() != state.mem_bytes {
+            return Err(Error::BadState(format!(
+                "VM state declares {} bytes of RAM, but {} were received",
+                state.mem_bytes,
+                ram.size()
+            )));
+        }
+        let mut ram = Some(ram);
+        Self::restore_parts(state, serial_out, true, process_start, source, &mut ram, |_| Ok(()))
     }
 
     /// Captures vCPU, interrupt-controller, clock and device state. The VM
@@ -510,9 +578,9 @@ impl Vm {
         let mut s = self.status.clone();
         let c = self.ctl.inner.lock().unwrap();
         s.state = match (c.want, &c.exit) {
-            (_, Some(_)) | (Want::Stop, _) => "stopped",
-            (Want::Pause, _) => "paused",
-            (Want::Run, _) => "running",
+            (_, Some(_)) | (Want::Stop, _) => RunState::Stopped,
+            (Want::Pause, _) => RunState::Paused,
+            (Want::Run, _) => RunState::Running,
         };
         s.exit = c.exit.clone();
         s
@@ -541,6 +609,42 @@ impl Vm {
     }
 }
 
+/// CPUID feature registers a guest sees and a migration destination must
+/// offer as well: (leaf, subleaf, register name, mask of the bits that are
+/// features rather than IDs or dynamic state).
+const FEATURE_WORDS: &[(u32, u32, &str, u32)] = &[
+    (1, 0, "ecx", !(1 << 27)), // OSXSAVE mirrors the guest's CR4
+    (1, 0, "edx", u32::MAX),
+    (7, 0, "ebx", u32::MAX),
+    (7, 0, "ecx", !(1 << 4)), // OSPKE mirrors the guest's CR4
+    (7, 0, "edx", u32::MAX),
+    (0xd, 1, "eax", u32::MAX),
+    (0x8000_0001, 0, "ecx", u32::MAX),
+    (0x8000_0001, 0, "edx", u32::MAX),
+];
+
+/// The CPUID feature bits a guest with `template` gets on this host: what a
+/// migration source announces and a destination checks against its own.
+pub fn guest_cpu_features(template: CpuTemplate) -> Result<Vec<(u32, u32, &'static str, u32)>, Error> {
+    let kvm = open_kvm()?;
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut entries = supported.as_slice().to_vec();
+    cpu::patch_cpuid(&mut entries, 0, 1, 0, template);
+    Ok(FEATURE_WORDS
+        .iter()
+        .map(|&(leaf, sub, reg, mask)| {
+            let e = entries.iter().find(|e| e.function == leaf && (e.index == sub || (leaf != 7 && leaf != 0xd)));
+            let v = e.map(|e| match reg {
+                "eax" => e.eax,
+                "ebx" => e.ebx,
+                "ecx" => e.ecx,
+                _ => e.edx,
+            });
+            (leaf, sub, reg, v.unwrap_or(0) & mask)
+        })
+        .collect())
+}
+
 /// KVM objects and memory shared by boot and restore, before vCPU threads exist.
 struct Parts {
     kvm: Kvm,
@@ -549,12 +653,15 @@ struct Parts {
 }
 
 impl Parts {
-    fn new(mem_bytes: u64, vcpus: u32, log_dirty: bool) -> Result<Parts, Error> {
+    fn new(mem_bytes: u64, vcpus: u32, log_dirty: bool, ram: Option<Arc<GuestRam>>) -> Result<Parts, Error> {
         if vcpus == 0 || vcpus > MAX_CPUS {
             return Err(Error::InvalidVcpuCount { count: vcpus, max: MAX_CPUS });
         }
         let kvm = open_kvm()?;
-        let ram = Arc::new(GuestRam::new(mem_bytes)?);
+        let ram = match ram {
+            Some(r) => r,
+            None => Arc::new(GuestRam::new(mem_bytes)?),
+        };
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm_fd.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm_fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
@@ -616,7 +723,7 @@ impl Parts {
             vcpus.push(Arc::new(Mutex::new(fd)));
         }
         let status = VmStatus {
-            state: "running",
+            state: RunState::Running,
             vcpus: count,
             mem_bytes: ram.size(),
             ram_ranges: ram.regions().iter().map(|r| (r.gpa, r.len)).collect(),

@@ -1,0 +1,398 @@
+//! End to end: live migration between two ferry processes on this machine
+//! (unix sockets and loopback TCP, with and without TLS), and the faults
+//! that must leave the guest running on exactly one side.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_migrate::wire::{FrameReader, FrameWriter, Hello, Message};
+
+/// A destination `ferry receive`; returns it, its API socket and the address it listens on.
+fn receiver(listen: &str, extra: &[&str]) -> (Guest, PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("dst.sock");
+    let listen = listen.replace("DIR", dir.path().to_str().unwrap());
+    let mut args = vec!["--listen", listen.as_str(), "--api-sock", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut g = Guest::start_receive(dir, &args);
+    let line = g.wait_stderr("waiting for a migration on ", secs(30));
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    wait_sock(&sock);
+    (g, sock, addr)
+}
+
+fn migrate(sock: &Path, to: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["migrate", "--api-sock", sock.to_str().unwrap(), "--to", to, "--json"];
+    args.extend_from_slice(extra);
+    ferry_cmd(&args)
+}
+
+/// A CA in `dir` with certificates for `names`.
+fn certs(dir: &Path, names: &[&str]) {
+    let o = ferry_cmd(&["certs", "init", "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for n in names {
+        let o = ferry_cmd(&["certs", "issue", "--dir", dir.to_str().unwrap(), "--name", n]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+fn tls_args(dir: &Path, name: &str) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        dir.join(format!("{name}.pem")).to_str().unwrap().into(),
+        "--tls-key".into(),
+        dir.join(format!("{name}.key")).to_str().unwrap().into(),
+        "--tls-ca".into(),
+        dir.join("ca.pem").to_str().unwrap().into(),
+    ]
+}
+
+fn seqs(lines: &[String]) -> Vec<u64> {
+    lines.iter().filter(|l| l.starts_with("PROGRESS")).filter_map(|l| field(l, "seq")).collect()
+}
+
+/// Migrates a busy guest and checks everything the destination must show.
+fn migrate_and_check(vcpus: &str, listen: &str, dst_extra: &[String], src_extra: &[String]) {
+    let (mut src, ssock) = running_guest_with("dirty wss=8 rate=max report=50", "96M", &["--vcpus", vcpus]);
+    let dst_extra: Vec<&str> = dst_extra.iter().map(|s| s.as_str()).collect();
+    let (mut dst, dsock, addr) = receiver(listen, &dst_extra);
+    assert_eq!(api("status", &dsock)["state"], "incoming");
+    src.wait_line("PROGRESS", secs(10));
+    let mut extra: Vec<&str> = vec!["--verify-digest"];
+    extra.extend(src_extra.iter().map(|s| s.as_str()));
+    let o = migrate(&ssock, &addr, &extra);
+    assert!(o.status.success(), "migrate failed: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "completed", "{v}");
+    let d = v["memory_digest"].as_str().unwrap();
+    assert_eq!(
+        Some(d),
+        v["destination_digest"].as_str(),
+        "memory at the source's final pause equals the destination's"
+    );
+    assert!(v["rounds"].as_array().unwrap().len() >= 2, "{v}");
+    assert!(v["pages_skipped_unpopulated"].as_u64().unwrap() > 0, "{v}");
+    // The source gave the guest up and exits 0.
+    assert_eq!(src.wait_exit(secs(30)).code(), Some(0));
+    assert!(src.stderr_lines().join("\n").contains("migrated to"), "source says where the guest went");
+    // The guest carries on at the destination: its sequence continues with no repeat.
+    let p = dst.wait_line("PROGRESS", secs(30));
+    let last_src = *seqs(&src.seen).last().expect("source printed progress");
+    let first_dst = field(&p, "seq").unwrap();
+    assert!(
+        first_dst == last_src + 1 || first_dst == last_src + 2,
+        "sequence continues: source ended at {last_src}, destination began at {first_dst}"
+    );
+    assert!(!dst.seen.iter().any(|l| l.starts_with("FERRY-GUEST boot")), "no reboot: {:?}", dst.seen);
+    dst.send_line("verify");
+    let ok = dst.wait_line("VERIFY", secs(30));
+    assert!(ok.starts_with("VERIFY OK"), "{ok}");
+    let st = api("status", &dsock);
+    assert_eq!(st["state"], "running");
+    assert_eq!(st["vcpus"].as_u64().unwrap().to_string(), vcpus);
+    let o = ferry_cmd(&["shutdown", "--api-sock", dsock.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert_eq!(dst.wait_exit(secs(30)).code(), Some(0));
+}
+
+#[test]
+fn migrates_over_a_unix_socket_with_one_vcpu() {
+    migrate_and_check("1", "unix://DIR/mig.sock", &[], &[]);
+}
+
+#[test]
+fn migrates_over_insecure_tcp_with_two_vcpus_uncompressed() {
+    migrate_and_check(
+        "2",
+        "tcp://127.0.0.1:0",
+        &["--insecure".into()],
+        &["--insecure".into(), "--compress".into(), "none".into()],
+    );
+}
+
+#[test]
+fn migrates_over_mutual_tls_with_two_vcpus() {
+    let ca = tempfile::tempdir().unwrap();
+    certs(ca.path(), &["src", "127.0.0.1"]);
+    let mut dst = tls_args(ca.path(), "127.0.0.1");
+    dst.extend(["--allow-peer".into(), "src".into()]);
+    migrate_and_check("2", "tcp://127.0.0.1:0", &dst, &tls_args(ca.path(), "src"));
+}
+
+/// The source keeps its guest running and intact after a failed migration.
+fn source_still_fine(src: &mut Guest, ssock: &Path) {
+    assert_eq!(api("status", ssock)["state"], "running");
+    let p = src.wait_line("PROGRESS", secs(30));
+    assert!(p.starts_with("PROGRESS"));
+    src.send_line("verify");
+    let v = src.wait_line("VERIFY", secs(30));
+    assert!(v.starts_with("VERIFY OK"), "{v}");
+}
+
+#[test]
+fn tls_refusals_leave_the_guest_at_the_source() {
+    let ca = tempfile::tempdir().unwrap();
+    certs(ca.path(), &["src", "127.0.0.1", "intruder"]);
+    let other = tempfile::tempdir().unwrap();
+    certs(other.path(), &["src"]);
+    let (mut src, ssock) = running_guest("dirty wss=4 rate=max report=100", "64M");
+    // A source whose name the destination does not allow.
+    let mut d = tls_args(ca.path(), "127.0.0.1");
+    d.extend(["--allow-peer".into(), "src".into()]);
+    let dargs: Vec<&str> = d.iter().map(|s| s.as_str()).collect();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (tls_args(ca.path(), "intruder"), "allow-list"),
+        (tls_args(other.path(), "src"), "CA"),
+        (vec!["--insecure".into()], ""),
+    ];
+    for (sargs, words) in cases {
+        let (mut dst, _dsock, addr) = receiver("tcp://127.0.0.1:0", &dargs);
+        let s: Vec<&str> = sargs.iter().map(|s| s.as_str()).collect();
+        let o = migrate(&ssock, &addr, &s);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "{sargs:?}: {err}");
+        assert!(err.contains(words), "{sargs:?}: {err}");
+        source_still_fine(&mut src, &ssock);
+        let _ = dst.child.kill();
+    }
+    // Plain TCP needs an explicit --insecure; the destination's name must match.
+    let o = migrate(&ssock, "tcp://127.0.0.1:9", &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("insecure"), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_dst, _d, addr) = receiver("tcp://127.0.0.1:0", &dargs);
+    let mut s = tls_args(ca.path(), "src");
+    s.extend(["--peer-name".into(), "elsewhere".into()]);
+    let s: Vec<&str> = s.iter().map(|x| x.as_str()).collect();
+    let o = migrate(&ssock, &addr, &s);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("elsewhere"), "{}", String::from_utf8_lossy(&o.stderr));
+    source_still_fine(&mut src, &ssock);
+}
+
+#[test]
+fn destination_killed_mid_stream_leaves_the_guest_at_the_source() {
+    let (mut src, ssock) = running_guest("dirty wss=32 rate=max report=100", "256M");
+    let (mut dst, _dsock, addr) = receiver("unix://DIR/mig.sock", &[]);
+    let s = ssock.clone();
+    let t = std::thread::spawn(move || migrate(&s, &addr, &["--max-rounds", "30", "--downtime-ms", "0"]));
+    // Kill the destination while pages flow.
+    let deadline = std::time::Instant::now() + secs(30);
+    loop {
+        let p = http_get(&ssock, "/vm/migration");
+        if p["pages_sent"].as_u64().unwrap_or(0) > 1000 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "migration never started: {p}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    dst.child.kill().unwrap();
+    let o = t.join().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stdout));
+    let p = http_get(&ssock, "/vm/migration");
+    assert_eq!(p["state"], "failed", "{p}");
+    source_still_fine(&mut src, &ssock);
+}
+
+fn http_get(sock: &Path, path: &str) -> serde_json::Value {
+    let r = raw_http(sock, format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    serde_json::from_str(r.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("null")).unwrap_or_default()
+}
+
+/// Relays a unix stream, flipping one byte at `flip_at` of the source → destination direction.
+fn corrupting_relay(listen: PathBuf, to: String, flip_at: usize) -> std::thread::JoinHandle<()> {
+    let l = UnixListener::bind(&listen).unwrap();
+    std::thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        let mut b = UnixStream::connect(to.trim_start_matches("unix://")).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+            let _ = a2.shutdown(std::net::Shutdown::Both);
+        });
+        let mut buf = vec![0u8; 65536];
+        let mut seen = 0usize;
+        loop {
+            let n = match a.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if seen <= flip_at && flip_at < seen + n {
+                buf[flip_at - seen] ^= 0x40;
+            }
+            seen += n;
+            if b.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = b.shutdown(std::net::Shutdown::Both);
+        let _ = back.join();
+    })
+}
+
+#[test]
+fn one_corrupted_byte_aborts_the_migration_and_the_guest_stays() {
+    let (mut src, ssock) = running_guest("dirty wss=8 rate=max report=100", "96M");
+    for flip_at in [20usize, 300_000] {
+        let (mut dst, _dsock, addr) = receiver("unix://DIR/mig.sock", &[]);
+        let relay_dir = tempfile::tempdir().unwrap();
+        let relay = relay_dir.path().join("relay.sock");
+        let t = corrupting_relay(relay.clone(), addr, flip_at);
+        let o = migrate(&ssock, &format!("unix://{}", relay.display()), &[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "flip at {flip_at}: {err}");
+        assert!(err.contains("tag mismatch") || err.contains("aborted"), "flip at {flip_at}: {err}");
+        assert_ne!(dst.wait_exit(secs(30)).code(), Some(0), "the destination gives up");
+        let _ = t.join();
+        source_still_fine(&mut src, &ssock);
+    }
+}
+
+#[test]
+fn a_stalled_destination_times_out_and_the_guest_stays() {
+    let (mut src, ssock) = running_guest("dirty wss=4 rate=max report=100", "64M");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stall.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    // Accepts and reads the hello, then never answers.
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut b = [0u8; 4096];
+        let _ = c.read(&mut b);
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    let o = migrate(&ssock, &format!("unix://{}", path.display()), &["--peer-timeout-ms", "1000"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("timed out") || err.contains("Resource temporarily unavailable") || err.contains("would block"),
+        "{err}"
+    );
+    source_still_fine(&mut src, &ssock);
+    t.join().unwrap();
+}
+
+/// A hostile source speaking the protocol directly.
+fn hostile_source(addr: &str, hello: Hello, after: Vec<Message>) -> Option<Message> {
+    let s = UnixStream::connect(addr.trim_start_matches("unix://")).unwrap();
+    s.set_read_timeout(Some(secs(20))).unwrap();
+    let mut w = FrameWriter::new(s.try_clone().unwrap());
+    let mut r = FrameReader::new(s);
+    w.send(&Message::Hello(Box::new(hello.clone()))).unwrap();
+    let accept = match r.recv().ok()? {
+        Message::Accept(a) => a,
+        other => return Some(other),
+    };
+    let key = ferry_migrate::wire::FrameKey::session(&hello.migration_id, &accept.nonce, &hello.vm_id);
+    w.rekey(key.clone());
+    r.rekey(key);
+    for m in &after {
+        if w.send(m).is_err() {
+            break;
+        }
+    }
+    r.recv().ok()
+}
+
+fn good_hello() -> Hello {
+    let mem = 64u64 << 20;
+    Hello {
+        protocol_version: 1,
+        migration_id: "0123456789abcdef0123456789abcdef".into(),
+        vm_id: "hostile".into(),
+        capabilities: vec![],
+        mem_bytes: mem,
+        ram_ranges: ferry_vmm::layout::ram_ranges(mem),
+        vcpus: 1,
+        cpu_template: "host".into(),
+        tsc_khz: 0,
+        cpu_features: vec![],
+        kernel: "x".into(),
+        cmdline: "".into(),
+    }
+}
+
+#[test]
+fn the_destination_refuses_hostile_and_mismatched_streams_before_running_anything() {
+    let mut bad_cpu = good_hello();
+    bad_cpu.cpu_features =
+        vec![ferry_migrate::wire::CpuFeatureWord { leaf: 7, subleaf: 0, register: "ebx".into(), bits: u32::MAX }];
+    let mut bad_layout = good_hello();
+    bad_layout.ram_ranges = vec![(0, 1 << 40)];
+    let mut bad_vcpus = good_hello();
+    bad_vcpus.vcpus = 99;
+    let mut bad_version = good_hello();
+    bad_version.protocol_version = 7;
+    let mut bad_cap = good_hello();
+    bad_cap.capabilities = vec!["teleport".into()];
+    let refusals: Vec<(Hello, &str)> = vec![
+        (bad_cpu, "lacks features"),
+        (bad_layout, "memory layout"),
+        (bad_vcpus, "vCPUs"),
+        (bad_version, "version"),
+        (bad_cap, "capability"),
+    ];
+    for (hello, words) in refusals {
+        let (mut dst, _s, addr) = receiver("unix://DIR/mig.sock", &[]);
+        match hostile_source(&addr, hello, vec![]) {
+            Some(Message::Refuse(r)) => assert!(r.reason.contains(words), "{} (expected {words:?})", r.reason),
+            other => panic!("expected a refusal containing {words:?}, got {other:?}"),
+        }
+        assert_eq!(dst.wait_exit(secs(30)).code(), Some(1));
+    }
+    // Accepted, then pages outside guest RAM, a bad state, and no Go: each aborts, nothing runs.
+    let streams: Vec<(Vec<Message>, &str)> = vec![
+        (vec![Message::Pages { gpa: 1 << 40, data: vec![1; 4096] }], "outside guest RAM"),
+        (vec![Message::Zero { gpa: (64 << 20) - 4096, npages: 2 }], "outside guest RAM"),
+        (vec![Message::State(b"{\"not\": \"a state\"}".to_vec())], "State"),
+        (vec![Message::Go], "expected"),
+    ];
+    for (msgs, words) in streams {
+        let (mut dst, _s, addr) = receiver("unix://DIR/mig.sock", &[]);
+        match hostile_source(&addr, good_hello(), msgs) {
+            Some(Message::Abort(r)) => assert!(r.reason.contains(words), "{} (expected {words:?})", r.reason),
+            other => panic!("expected an abort containing {words:?}, got {other:?}"),
+        }
+        assert_eq!(dst.wait_exit(secs(30)).code(), Some(1));
+        assert!(!dst.seen.iter().any(|l| l.starts_with("PROGRESS")), "no guest ran");
+    }
+}
+
+#[test]
+fn operations_during_a_migration_get_409() {
+    let (_src, ssock) = running_guest("dirty wss=32 rate=max report=100", "256M");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stall.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut b = [0u8; 4096];
+        let _ = c.read(&mut b);
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let s = ssock.clone();
+    let to = format!("unix://{}", path.display());
+    let m = std::thread::spawn(move || migrate(&s, &to, &["--peer-timeout-ms", "2500"]));
+    let deadline = std::time::Instant::now() + secs(10);
+    while http_get(&ssock, "/vm")["operation"]["kind"] != "migration" {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for (m, p) in [("PUT", "/vm/pause"), ("PUT", "/vm/migrate"), ("GET", "/vm/memory-digest")] {
+        let body = if p == "/vm/migrate" { "{\"to\":\"unix:///x\"}" } else { "" };
+        let r =
+            raw_http(&ssock, format!("{m} {p} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+        assert!(r.starts_with("HTTP/1.1 409"), "{m} {p}: {r}");
+        assert!(r.contains("migration is in progress"), "{r}");
+    }
+    let o = snapshot(&ssock, &dir.path().join("x.img"), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("migration is in progress"));
+    assert_eq!(m.join().unwrap().status.code(), Some(1));
+    t.join().unwrap();
+    assert_eq!(api("status", &ssock)["state"], "running");
+}
