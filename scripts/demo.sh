@@ -2,12 +2,14 @@
 # ferry's main job, end to end: boot the test guest, run a memory-dirtying
 # workload, pause/resume it, take the memory digest, snapshot it live,
 # restore the image in a second VMM and compare digests, verify every page,
-# shut down gracefully, and print what happened.
+# migrate it live over mutual TLS to a third ferry (digests compared at both
+# ends), verify every page there, shut down gracefully, and print what
+# happened.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p ferry
 ferry=target/release/ferry
-work=$(mktemp -d); trap 'kill $pid ${rpid:-} 2>/dev/null || true; rm -rf "$work"' EXIT
+work=$(mktemp -d); trap 'kill $pid ${rpid:-} ${dpid:-} 2>/dev/null || true; rm -rf "$work"' EXIT
 sock=$work/api.sock
 say() { printf '\n== %s\n' "$*"; }
 
@@ -41,14 +43,36 @@ echo "restored guest: $(grep VERIFY "$work/restored.log" | tail -n 1)"
 $ferry shutdown --api-sock "$work/r.sock" >/dev/null; wait $rpid || true
 $ferry image inspect "$work/vm.img" | head -n 8
 
-say "ask the original guest to verify every page"
-$ferry console --api-sock "$sock" verify >/dev/null
-for _ in $(seq 100); do grep -q VERIFY "$work/serial.log" && break; sleep 0.1; done
-grep VERIFY "$work/serial.log" | tail -n 1
-say "graceful shutdown (Ctrl-Alt-Del): the guest verifies again and exits with its status"
-$ferry shutdown --api-sock "$sock" >/dev/null
+say "live migration over mutual TLS: a CA and one certificate per host, then a destination that waits"
+$ferry certs init --dir "$work/pki" >/dev/null
+$ferry certs issue --dir "$work/pki" --name src >/dev/null
+$ferry certs issue --dir "$work/pki" --name 127.0.0.1 >/dev/null
+tls() { echo --tls-cert "$work/pki/$1.pem" --tls-key "$work/pki/$1.key" --tls-ca "$work/pki/ca.pem"; }
+# shellcheck disable=SC2046
+$ferry receive --listen tcp://127.0.0.1:0 $(tls 127.0.0.1) --allow-peer src --api-sock "$work/d.sock" \
+  --serial "file:$work/dest.log" --report "$work/dest-report.json" 2>"$work/receive.log" &
+dpid=$!
+for _ in $(seq 100); do grep -q "waiting for a migration" "$work/receive.log" 2>/dev/null && break; sleep 0.1; done
+to=$(grep -o 'tcp://[0-9.:]*' "$work/receive.log" | head -n 1)
+echo "destination: $(cat "$work/receive.log")"
+echo "destination API while waiting: $($ferry status --api-sock "$work/d.sock" | tr -d '\n ')"
+# shellcheck disable=SC2046
+$ferry migrate --api-sock "$sock" --to "$to" $(tls src) --verify-digest
 set +e; wait $pid; status=$?; set -e
-tail -n 2 "$work/serial.log"; cat "$work/ferry.log"
+echo "source: $(tail -n 1 "$work/ferry.log") (exit status $status)"
+echo "last source line:      $(grep PROGRESS "$work/serial.log" | tail -n 1)"
+for _ in $(seq 100); do grep -q PROGRESS "$work/dest.log" 2>/dev/null && break; sleep 0.1; done
+echo "first destination line: $(grep PROGRESS "$work/dest.log" | head -n 1)"
+cat "$work/receive.log" | tail -n 1
+
+say "ask the migrated guest to verify every page"
+$ferry console --api-sock "$work/d.sock" verify >/dev/null
+for _ in $(seq 100); do grep -q VERIFY "$work/dest.log" && break; sleep 0.1; done
+grep VERIFY "$work/dest.log" | tail -n 1
+say "graceful shutdown (Ctrl-Alt-Del): the guest verifies again and exits with its status"
+$ferry shutdown --api-sock "$work/d.sock" >/dev/null
+set +e; wait $dpid; status=$?; set -e
+tail -n 2 "$work/dest.log"; tail -n 1 "$work/receive.log"
 say "figures"
 cat "$work/report.json"
 echo; echo "ferry exit status: $status"

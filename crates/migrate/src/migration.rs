@@ -305,6 +305,8 @@ pub fn missing_cpu_features(source: &[CpuFeatureWord], here: &[CpuFeatureWord]) 
 /// The engine's sink: page runs and zero runs as frames.
 struct WireSink<'a> {
     w: &'a mut FrameWriter<TransportWriter>,
+    r: &'a mut FrameReader<TransportReader>,
+    rounds: u32,
     codec: WireCodec,
     buf: Vec<u8>,
     progress: &'a ProgressHandle,
@@ -325,6 +327,22 @@ impl PageSink for WireSink<'_> {
 
     fn zero(&mut self, gpa: u64, npages: u64) -> crate::Result<()> {
         self.w.send(&Message::Zero { gpa, npages }).map_err(wire_io)
+    }
+
+    fn sync(&mut self, _round: u32, pages: u64) -> crate::Result<()> {
+        self.rounds += 1;
+        let round = self.rounds;
+        self.w.send(&Message::RoundEnd { round, pages }).map_err(wire_io)?;
+        self.w.flush().map_err(wire_io)?;
+        self.progress.lock().unwrap().round = round;
+        match self.r.recv()? {
+            Message::RoundEnd { round: r, .. } if r == round => Ok(()),
+            Message::Abort(why) => Err(crate::Error::Wire(WireError::BadFrame {
+                seq: 0,
+                what: format!("the destination aborted: {}", why.reason),
+            })),
+            other => Err(crate::Error::Wire(unexpected(0, "RoundEnd acknowledgement", &other))),
+        }
     }
 }
 
@@ -426,7 +444,7 @@ pub fn migrate_out(
         end_paused: true,
     };
     let result = (|| -> Result<(MigrationStats, Instant), MigrationError> {
-        let mut sink = WireSink { w: &mut w, codec: req.compress, buf: Vec::new(), progress };
+        let mut sink = WireSink { w: &mut w, r: &mut r, rounds: 0, codec: req.compress, buf: Vec::new(), progress };
         let (state, pre) = precopy(vm, &mut sink, &cfg).map_err(|e| explain(e, &mut r))?;
         // From here the guest is paused: the downtime runs.
         let pause_started = Instant::now() - Duration::from_secs_f64(pre.pause_ms / 1e3);
@@ -704,7 +722,11 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
                     zero_range(&ram, gpa, len);
                     stats.zero_pages += npages;
                 }
-                Message::RoundEnd { .. } => {}
+                Message::RoundEnd { round, pages } => {
+                    // Everything before it is in guest RAM: acknowledge.
+                    w.send(&Message::RoundEnd { round, pages }).map_err(WireError::Io)?;
+                    w.flush().map_err(WireError::Io)?;
+                }
                 Message::State(s) => break s,
                 Message::Abort(why) => return Err(MigrationError::PeerAborted(why.reason)),
                 other => return Err(MigrationError::Wire(unexpected(0, "pages or State", &other))),

@@ -221,7 +221,12 @@ fn send(regions: &[RamRegion], bms: &[Bitmap], sink: &mut dyn PageSink) -> Resul
 fn round(regions: &[RamRegion], bms: &[Bitmap], sink: &mut dyn PageSink, paused: bool) -> Result<RoundStats> {
     let t = Instant::now();
     let (data_pages, zero_pages) = send(regions, bms, sink)?;
-    Ok(RoundStats { pages: count(bms), data_pages, zero_pages, ms: ms(t.elapsed()), paused })
+    let pages = count(bms);
+    if !paused {
+        // Delivered, not just buffered: the rate below is then the real one.
+        sink.sync(0, pages)?;
+    }
+    Ok(RoundStats { pages, data_pages, zero_pages, ms: ms(t.elapsed()), paused })
 }
 
 /// Runs of set bits: (region index, first page, page count).
