@@ -220,6 +220,11 @@ struct MigrateArgs {
     /// How long the destination may stall, ms.
     #[arg(long)]
     peer_timeout_ms: Option<u64>,
+    /// No auto-converge: a guest dirtying memory faster than the link makes
+    /// the migration give up (the guest keeps running here) instead of
+    /// being slowed down.
+    #[arg(long)]
+    no_throttle: bool,
     /// Print the statistics as JSON.
     #[arg(long)]
     json: bool,
@@ -410,6 +415,7 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
                 peer_name: a.peer_name.clone(),
                 verify_digest: a.verify_digest,
                 peer_timeout_ms: a.peer_timeout_ms,
+                no_throttle: a.no_throttle,
             };
             let progress = progress_printer(a.api_sock.clone(), a.json);
             let v = api(&a.api_sock, "PUT", "/vm/migrate", Some(serde_json::to_value(&req)?));
@@ -489,6 +495,19 @@ fn print_migration(v: &serde_json::Value) {
         v["pages_normal"], v["pages_zero"], v["pages_skipped_unpopulated"]
     );
     println!("  bytes on wire    {} ({:.0} MB/s in live rounds)", v["bytes_sent"], f("throughput_mb_per_s"));
+    if let Some(t) = v["throttle"].as_object() {
+        let steps: Vec<String> = t["steps"]
+            .as_array()
+            .map(|s| s.iter().map(|x| format!("{}%@r{}", x["percent"], x["round"])).collect())
+            .unwrap_or_default();
+        if !steps.is_empty() {
+            println!(
+                "  auto-converge    {} (vCPUs held {:.0} ms in all)",
+                steps.join(" "),
+                t["throttled_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
     if let Some(d) = v["memory_digest"].as_str() {
         println!("  memory digest    {d} (both ends agree)");
     }

@@ -202,6 +202,7 @@ impl ControlError {
             | ControlError::ShuttingDown(_)
             | ControlError::Migrated { .. } => Fault::Conflict,
             ControlError::Migration(m) if m.is_client_error() => Fault::Client,
+            ControlError::Migration(MigrationError::Engine(crate::Error::NotConverging { .. })) => Fault::Conflict,
             ControlError::Migration(MigrationError::Engine(_)) => Fault::Vmm,
             ControlError::Migration(_) => Fault::Peer,
             ControlError::Snapshot(SnapshotError::Invalid(_)) => Fault::Client,

@@ -21,7 +21,9 @@ pub mod wire;
 
 pub use control::{Applied, ControlError, Fault, Operation, VmController};
 pub use lazy::{LazyCompletion, LazyRestore, LazyStats};
-pub use precopy::{precopy, CowStats, PrecopyConfig, PrecopyStats, RoundStats, StopReason};
+pub use precopy::{
+    precopy, CowStats, PrecopyConfig, PrecopyStats, RoundStats, StopReason, ThrottlePolicy, ThrottleStats, ThrottleStep,
+};
 pub use restore::{restore_from_image, MemoryMode, RestoreOptions, RestoreStats, Restored};
 pub use sink::PageSink;
 pub use snapshot::{SnapshotError, SnapshotRequest, SnapshotStats};
@@ -57,6 +59,19 @@ pub enum Error {
     /// The copy-on-write phase (userfaultfd write protection) failed.
     #[error("copy-on-write snapshot: {0}")]
     Cow(String),
+    /// Pre-copy rounds ended with more dirty memory than the pause budget
+    /// allows; the guest was not paused for it.
+    #[error("did not converge after {rounds} rounds: {dirty_pages} pages dirtied in the last round, {pages_per_s:.0} pages/s delivered{}; the guest keeps running here (allow throttling, raise --downtime-ms or --max-rounds)", throttle_percent.map(|p| format!(", throttle at {p}%")).unwrap_or_default())]
+    NotConverging {
+        /// Rounds run.
+        rounds: u32,
+        /// Dirty pages found after the last round.
+        dirty_pages: u64,
+        /// Delivery rate measured.
+        pages_per_s: f64,
+        /// Throttle in effect at the end, if auto-converge was on.
+        throttle_percent: Option<u32>,
+    },
     /// The migration stream failed or carried something wrong.
     #[error(transparent)]
     Wire(#[from] wire::WireError),

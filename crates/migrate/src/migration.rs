@@ -117,7 +117,15 @@ pub struct MigrateRequest {
     /// How long the peer may stall, in ms (default 30000).
     #[serde(default)]
     pub peer_timeout_ms: Option<u64>,
+    /// Turn auto-converge off: a guest that dirties memory faster than the
+    /// link carries it makes the migration give up instead of being slowed.
+    #[serde(default)]
+    pub no_throttle: bool,
 }
+
+/// Default pre-copy rounds of a migration: auto-converge needs room to
+/// step from 20% to 99%.
+pub const DEFAULT_MIGRATION_ROUNDS: u32 = 30;
 
 /// Where a migration is, as QEMU's query-migrate names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +184,8 @@ pub struct MigrationStats {
     pub memory_digest: Option<String>,
     /// The destination's digest of what it received, when verified.
     pub destination_digest: Option<String>,
+    /// Auto-converge: each step and what it cost the guest (None with no_throttle).
+    pub throttle: Option<crate::precopy::ThrottleStats>,
 }
 
 /// One round, with its dirty rate.
@@ -355,7 +365,7 @@ fn wire_io(e: std::io::Error) -> crate::Error {
 /// never to be resumed by this process); on `Err` the guest's state here is
 /// as the engine left it and the caller resumes it.
 pub fn migrate_out(
-    vm: &Vm,
+    vm: &Arc<Vm>,
     vm_id: &str,
     req: &MigrateRequest,
     progress: &ProgressHandle,
@@ -436,12 +446,14 @@ pub fn migrate_out(
     // Memory: the same engine as a live snapshot, into the socket, ending paused.
     let cfg = PrecopyConfig {
         live: true,
-        max_rounds: req.max_rounds.unwrap_or(crate::snapshot::DEFAULT_MAX_ROUNDS),
+        max_rounds: req.max_rounds.unwrap_or(DEFAULT_MIGRATION_ROUNDS),
         downtime_target: downtime,
         digest: req.verify_digest,
         incremental: false,
         copy_on_write: false,
         end_paused: true,
+        throttle: (!req.no_throttle).then(crate::precopy::ThrottlePolicy::default),
+        require_convergence: true,
     };
     let result = (|| -> Result<(MigrationStats, Instant), MigrationError> {
         let mut sink = WireSink { w: &mut w, r: &mut r, rounds: 0, codec: req.compress, buf: Vec::new(), progress };
@@ -569,6 +581,7 @@ fn finish_stats(
         throughput_mb_per_s: if live_ms > 0.0 { live_bytes as f64 / live_ms / 1e3 } else { 0.0 },
         memory_digest: pre.memory_digest.clone(),
         destination_digest: ready.memory_digest,
+        throttle: pre.throttle.clone(),
     }
 }
 

@@ -51,6 +51,114 @@ pub struct PrecopyConfig {
     /// here only if the commit fails). Implies copying the last dirty set
     /// while paused.
     pub end_paused: bool,
+    /// Auto-converge: slow the vCPUs down stepwise while the dirty set does
+    /// not shrink (QEMU's cpu-throttle: start, step, cap).
+    pub throttle: Option<ThrottlePolicy>,
+    /// When the rounds end without the dirty set fitting the pause budget,
+    /// give up (an error, the guest keeps running) instead of pausing
+    /// longer than asked. A migration wants this; a snapshot has
+    /// copy-on-write for that case instead.
+    pub require_convergence: bool,
+}
+
+/// How auto-converge throttles the vCPUs.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ThrottlePolicy {
+    /// First step, percent of each period the vCPUs are held.
+    pub initial_percent: u32,
+    /// Added at each further step.
+    pub step_percent: u32,
+    /// Ceiling.
+    pub max_percent: u32,
+    /// Length of one pause/run period.
+    pub period_ms: u32,
+}
+
+impl Default for ThrottlePolicy {
+    fn default() -> Self {
+        ThrottlePolicy { initial_percent: 20, step_percent: 10, max_percent: 99, period_ms: 20 }
+    }
+}
+
+/// One throttle step.
+#[derive(Clone, Debug, Serialize)]
+pub struct ThrottleStep {
+    /// Round after which it was taken (1-based).
+    pub round: u32,
+    /// Percent of the time the vCPUs are held from then on.
+    pub percent: u32,
+    /// When, from the start of the pre-copy.
+    pub at_ms: f64,
+}
+
+/// What auto-converge did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ThrottleStats {
+    /// Every step.
+    pub steps: Vec<ThrottleStep>,
+    /// The throttle in effect at the final pause.
+    pub final_percent: u32,
+    /// Time the vCPUs were held by the throttle in all: what it cost the guest.
+    pub throttled_ms: f64,
+}
+
+/// Holds the vCPUs for `percent` of every period, from its own thread.
+struct Throttle {
+    percent: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    stop: std::sync::Arc<AtomicBool>,
+    held_us: std::sync::Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Throttle {
+    fn start(vm: &std::sync::Arc<Vm>, period_ms: u32) -> Throttle {
+        use std::sync::atomic::AtomicU32;
+        let percent = std::sync::Arc::new(AtomicU32::new(0));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let held_us = std::sync::Arc::new(AtomicU64::new(0));
+        let (p, st, h, vm) = (percent.clone(), stop.clone(), held_us.clone(), vm.clone());
+        let period = Duration::from_millis(period_ms.max(1) as u64);
+        let thread = std::thread::Builder::new()
+            .name("throttle".into())
+            .spawn(move || {
+                while !st.load(Ordering::Acquire) {
+                    let pct = p.load(Ordering::Relaxed).min(99);
+                    if pct == 0 {
+                        std::thread::sleep(period);
+                        continue;
+                    }
+                    let t = Instant::now();
+                    if vm.pause().is_err() {
+                        break;
+                    }
+                    std::thread::sleep(period * pct / 100);
+                    let _ = vm.resume();
+                    h.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    std::thread::sleep(period * (100 - pct) / 100);
+                }
+            })
+            .ok();
+        Throttle { percent, stop, held_us, thread }
+    }
+
+    fn set(&self, pct: u32) {
+        self.percent.store(pct, Ordering::Relaxed);
+    }
+
+    /// Stops the thread; the vCPUs run (unless something else paused them).
+    fn finish(&mut self) -> f64 {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.held_us.load(Ordering::Relaxed) as f64 / 1e3
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 impl Default for PrecopyConfig {
@@ -63,6 +171,8 @@ impl Default for PrecopyConfig {
             incremental: false,
             copy_on_write: true,
             end_paused: false,
+            throttle: None,
+            require_convergence: false,
         }
     }
 }
@@ -125,6 +235,8 @@ pub struct PrecopyStats {
     pub cow: Option<CowStats>,
     /// Why the copy-on-write phase was not possible and the final pages were copied while paused.
     pub cow_fallback: Option<String>,
+    /// Auto-converge, when it was allowed.
+    pub throttle: Option<ThrottleStats>,
 }
 
 /// The copy-on-write final phase's figures.
@@ -435,7 +547,11 @@ impl Cow {
 /// Runs a pre-copy of `vm` into `sink` and returns the VM state captured at
 /// the final pause. The guest is running again when this returns (unless it
 /// was paused before), also on error.
-pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<(VmState, PrecopyStats)> {
+pub fn precopy(
+    vm: &std::sync::Arc<Vm>,
+    sink: &mut dyn PageSink,
+    cfg: &PrecopyConfig,
+) -> Result<(VmState, PrecopyStats)> {
     let t0 = Instant::now();
     let was_paused = vm.is_paused();
     let regions: Vec<RamRegion> = vm.ram().regions().to_vec();
@@ -468,6 +584,14 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
         stats.stop_reason = StopReason::Paused;
         if live {
             let mut prev = u64::MAX;
+            let mut throttle = cfg.throttle.map(|p| (p, Throttle::start(vm, p.period_ms), ThrottleStats::default()));
+            // Stops the throttle (the vCPUs run freely again) and keeps its figures.
+            let end_throttle = |t: &mut Option<(ThrottlePolicy, Throttle, ThrottleStats)>, stats: &mut PrecopyStats| {
+                if let Some((_, mut th, mut ts)) = t.take() {
+                    ts.throttled_ms = th.finish();
+                    stats.throttle = Some(ts);
+                }
+            };
             loop {
                 let dirty = vm.take_dirty_log()?;
                 let n = count(&dirty);
@@ -475,6 +599,7 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
                     // Small enough: leave it for the pause. KVM has cleared
                     // these bits, so stash them for the final round.
                     stats.stop_reason = StopReason::Converged;
+                    end_throttle(&mut throttle, &mut stats);
                     pause_start = Some(Instant::now());
                     vm.pause()?;
                     let rest = vm.take_dirty_log()?;
@@ -491,9 +616,37 @@ pub fn precopy(vm: &Vm, sink: &mut dyn PageSink, cfg: &PrecopyConfig) -> Result<
                 let rounds = stats.rounds.len() as u32;
                 let not_converging = n as f64 > prev as f64 * 0.9;
                 prev = n;
-                if rounds >= cfg.max_rounds || (rounds >= 3 && not_converging) {
+                // Auto-converge: a round that did not shrink the dirty set
+                // tightens the throttle, while it can still be tightened.
+                let mut stepped = false;
+                if let Some((policy, th, ts)) = throttle.as_mut() {
+                    if rounds >= 2 && not_converging && ts.final_percent < policy.max_percent {
+                        ts.final_percent = if ts.final_percent == 0 {
+                            policy.initial_percent
+                        } else {
+                            (ts.final_percent + policy.step_percent).min(policy.max_percent)
+                        };
+                        th.set(ts.final_percent);
+                        ts.steps.push(ThrottleStep {
+                            round: rounds,
+                            percent: ts.final_percent,
+                            at_ms: ms(t0.elapsed()),
+                        });
+                        stepped = true;
+                    }
+                }
+                if rounds >= cfg.max_rounds || (rounds >= 3 && not_converging && !stepped) {
                     stats.stop_reason =
                         if rounds >= cfg.max_rounds { StopReason::MaxRounds } else { StopReason::NotConverging };
+                    end_throttle(&mut throttle, &mut stats);
+                    if cfg.require_convergence {
+                        return Err(crate::Error::NotConverging {
+                            rounds,
+                            dirty_pages: n,
+                            pages_per_s: rate_pages_per_ms * 1e3,
+                            throttle_percent: stats.throttle.as_ref().map(|t| t.final_percent),
+                        });
+                    }
                     pause_start = Some(Instant::now());
                     vm.pause()?;
                     final_set = Some(vm.take_dirty_log()?);

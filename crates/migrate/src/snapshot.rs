@@ -303,7 +303,7 @@ fn classify_create(e: ferry_image::Error) -> SnapshotError {
 /// ([`crate::control::VmController`]) makes sure nothing else pauses or
 /// resumes the VM meanwhile.
 pub fn take_snapshot(
-    vm: &Vm,
+    vm: &std::sync::Arc<Vm>,
     lineage: &mut Option<Hash32>,
     memory_ready: Option<&crate::LazyCompletion>,
     req: &SnapshotRequest,
@@ -382,6 +382,8 @@ pub fn take_snapshot(
         incremental: parent.is_some(),
         copy_on_write: req.final_phase == FinalPhase::Cow,
         end_paused: false,
+        throttle: None,
+        require_convergence: false,
     };
     // From here on the dirty log is consumed: the lineage holds only if this succeeds.
     *lineage = None;
