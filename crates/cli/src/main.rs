@@ -228,6 +228,9 @@ struct MigrateArgs {
     /// Print the statistics as JSON.
     #[arg(long)]
     json: bool,
+    /// Draw pages per round and the dirty rate against time into this SVG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -425,6 +428,14 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_migration(&v);
+            }
+            if let Some(path) = &a.plot {
+                let stats: ferry_migrate::migration::MigrationStats =
+                    serde_json::from_value(v.clone()).context("reading the migration statistics for --plot")?;
+                ferry_migrate::plot::plot_migration(&stats, path)?;
+                if !a.json {
+                    println!("  plot             {}", path.display());
+                }
             }
             Ok(0)
         }

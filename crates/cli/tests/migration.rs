@@ -101,8 +101,12 @@ fn migrate_and_check(vcpus: &str, listen: &str, dst_extra: &[String], src_extra:
 }
 
 #[test]
-fn migrates_over_a_unix_socket_with_one_vcpu() {
-    migrate_and_check("1", "unix://DIR/mig.sock", &[], &[]);
+fn migrates_over_a_unix_socket_with_one_vcpu_and_plots_the_rounds() {
+    let out = tempfile::tempdir().unwrap();
+    let svg = out.path().join("rounds.svg");
+    migrate_and_check("1", "unix://DIR/mig.sock", &[], &["--plot".into(), svg.to_str().unwrap().into()]);
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg") && text.contains("pages per round"), "{}", &text[..text.len().min(300)]);
 }
 
 #[test]

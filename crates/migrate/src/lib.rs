@@ -11,6 +11,7 @@ pub mod certs;
 pub mod control;
 pub mod lazy;
 pub mod migration;
+pub mod plot;
 pub mod precopy;
 pub mod regs;
 pub mod restore;

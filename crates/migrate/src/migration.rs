@@ -146,7 +146,7 @@ pub enum MigrationState {
 }
 
 /// Figures of one migration (source side).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MigrationStats {
     /// Final state.
     pub state: MigrationState,
@@ -189,7 +189,7 @@ pub struct MigrationStats {
 }
 
 /// One round, with its dirty rate.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RoundFigures {
     /// Pages sent.
     pub pages: u64,
@@ -692,9 +692,10 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         Ok(other) => return Err(refuse(&mut w, unexpected(0, "Hello", &other).to_string())),
         Err(e) => return Err(refuse(&mut w, e.to_string())),
     };
-    if let Err(why) = check_hello(&hello) {
-        return Err(refuse(&mut w, why));
-    }
+    let template = match check_hello(&hello) {
+        Ok(t) => t,
+        Err(why) => return Err(refuse(&mut w, why)),
+    };
     let nonce = random_hex();
     w.send(&Message::Accept(Accept {
         protocol_version: PROTOCOL_VERSION,
@@ -709,7 +710,19 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     stats.migration_id = hello.migration_id.clone();
 
     let result = (|| -> Result<Received, MigrationError> {
-        let ram = Arc::new(GuestRam::new(hello.mem_bytes).map_err(crate::Error::Vm)?);
+        // Everything that does not need the state is built now, outside the downtime.
+        let prepared = Vm::prepare_incoming(
+            hello.mem_bytes,
+            hello.vcpus,
+            template,
+            hello.tsc_khz,
+            hello.cmdline.clone(),
+            opts.serial_out,
+            opts.process_start,
+            format!("migration {} from {}", hello.migration_id, peer.addr),
+        )
+        .map_err(crate::Error::Vm)?;
+        let ram = prepared.ram().clone();
         let ranges: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.gpa, r.len)).collect();
         let state_bytes = loop {
             match r.recv()? {
@@ -758,11 +771,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
                 hello.vcpus
             )));
         }
-        let source = format!("migration {} from {}", hello.migration_id, peer.addr);
-        let vm = Arc::new(
-            Vm::restore_with_ram(&state, ram.clone(), opts.serial_out, opts.process_start, source)
-                .map_err(crate::Error::Vm)?,
-        );
+        let vm = Arc::new(prepared.apply(&state).map_err(crate::Error::Vm)?);
         let digest = hello.capabilities.iter().any(|c| c == CAP_DIGEST).then(|| ram.digest().to_hex().to_string());
         w.send(&Message::Ready(Ready { memory_digest: digest })).map_err(WireError::Io)?;
         w.flush().map_err(WireError::Io)?;

@@ -81,7 +81,7 @@ impl Default for ThrottlePolicy {
 }
 
 /// One throttle step.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ThrottleStep {
     /// Round after which it was taken (1-based).
     pub round: u32,
@@ -92,7 +92,7 @@ pub struct ThrottleStep {
 }
 
 /// What auto-converge did.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct ThrottleStats {
     /// Every step.
     pub steps: Vec<ThrottleStep>,

@@ -25,7 +25,7 @@ pub use boot::{KernelFormat, KernelSource};
 pub use cpu::CpuTemplate;
 pub use memory::{GuestRam, RamRegion};
 pub use state::VmState;
-pub use vm::{BootTimes, ExitReason, RunState, Vm, VmConfig, VmStatus};
+pub use vm::{BootTimes, ExitReason, PreparedVm, RunState, Vm, VmConfig, VmStatus};
 
 /// Everything that can go wrong creating or running a VM.
 #[derive(Debug, thiserror::Error)]

@@ -350,6 +350,29 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Builds a VM for an incoming migration before its state arrives: memory
+    /// slots (dirty logging on), irqchip, PIT, devices and configured vCPUs,
+    /// everything that does not depend on the state. Creating the memory
+    /// slots costs milliseconds on this host; done here, it stays out of the
+    /// migration's downtime. Pages are written into [`PreparedVm::ram`] as
+    /// they arrive; [`PreparedVm::apply`] then only loads the state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare_incoming(
+        mem_bytes: u64,
+        vcpus: u32,
+        template: CpuTemplate,
+        tsc_khz: u32,
+        cmdline: String,
+        serial_out: SerialOut,
+        process_start: Instant,
+        source: String,
+    ) -> Result<PreparedVm, Error> {
+        let parts = Parts::new(mem_bytes, vcpus, true, None)?;
+        let vm =
+            parts.finish(vcpus, template, tsc_khz, serial_out, process_start, None, source, cmdline, |_, _| Ok(()))?;
+        Ok(PreparedVm { vm })
+    }
+
     /// Recreates a VM from a saved state around guest RAM that is already
     /// filled (an incoming migration writes pages as they arrive, before the
     /// state exists). The vCPUs start paused.
@@ -606,6 +629,51 @@ impl Vm {
         t.first_kvm_run = c.first_run.map(|i| i.saturating_duration_since(self.created));
         t.first_guest_io = self.bus.first_guest_io().map(|i| i.saturating_duration_since(self.created));
         t
+    }
+}
+
+/// A VM built ahead of its state (see [`Vm::prepare_incoming`]); no vCPU
+/// thread runs until [`PreparedVm::apply`].
+pub struct PreparedVm {
+    vm: Vm,
+}
+
+impl PreparedVm {
+    /// Guest RAM, to be filled before the state is applied.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.vm.ram
+    }
+
+    /// Loads `state` (checked against what the VM was built with) and starts
+    /// the vCPU threads, paused.
+    pub fn apply(self, state: &VmState) -> Result<Vm, Error> {
+        let vm = self.vm;
+        if state.version != VM_STATE_VERSION {
+            return Err(Error::BadState(format!(
+                "VM state version {} is not supported (this ferry reads version {VM_STATE_VERSION})",
+                state.version
+            )));
+        }
+        let want = (vm.status.mem_bytes, vm.vcpus.len(), vm.status.cpu_template, vm.status.tsc_khz);
+        let got = (state.mem_bytes, state.vcpus.len(), state.cpu_template, state.tsc_khz);
+        if want != got {
+            return Err(Error::BadState(format!(
+                "VM state (memory, vCPUs, CPU template, TSC kHz) {got:?} does not match the VM built for it {want:?}"
+            )));
+        }
+        for (fd, s) in vm.vcpus.iter().zip(&state.vcpus) {
+            persist::restore_vcpu(&fd.lock().unwrap(), s)?;
+        }
+        persist::restore_vm(&vm.vm_fd, &state.pit, &state.clock, &state.irqchips)?;
+        vm.bus.restore(&state.devices)?;
+        {
+            let mut c = vm.ctl.inner.lock().unwrap();
+            c.want = Want::Pause;
+            vm.ctl.attention.store(true, Ordering::SeqCst);
+        }
+        vm.start_threads()?;
+        vm.pause()?;
+        Ok(vm)
     }
 }
 
