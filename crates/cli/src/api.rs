@@ -210,6 +210,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("/vm/snapshot", "PUT"),
     ("/vm/migrate", "PUT"),
     ("/vm/migration", "GET"),
+    ("/vm/migration/cancel", "PUT"),
 ];
 
 fn run_state_response(ctl: &VmController, applied: Applied, requested: &str) -> Response {
@@ -319,6 +320,11 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
             }
         }
         ("GET", "/vm/migration") => Response::json(200, &ctl.migration_progress()),
+        ("PUT", "/vm/migration/cancel") => match body_json(req).map(|_| ctl.cancel_migration()) {
+            Err(r) => r,
+            Ok(Ok(())) => Response::json(202, &json!({ "state": "cancelling" })),
+            Ok(Err(e)) => control_error(e),
+        },
         (_, p) => match ENDPOINTS.iter().find(|(path, _)| *path == p) {
             Some((_, allow)) => {
                 let mut r = Response::error(405, format!("method {m} not allowed on {p}; allowed: {allow}"));

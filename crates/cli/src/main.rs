@@ -54,6 +54,8 @@ enum Command {
     Migrate(MigrateArgs),
     /// Wait for one incoming migration, then run the VM that arrives.
     Receive(ReceiveArgs),
+    /// Cancel a running migration (the guest keeps running here).
+    MigrateCancel(SockArgs),
     /// Make a CA and certificates for migration over mutual TLS.
     Certs {
         #[command(subcommand)]
@@ -402,6 +404,7 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
         Command::Restore(a) => restore(a, start),
         Command::Receive(a) => receive(a, start),
         Command::Certs { cmd } => certs::run(cmd),
+        Command::MigrateCancel(a) => print_json(api(&a.api_sock, "PUT", "/vm/migration/cancel", None)?),
         Command::Migrate(a) => {
             let req = ferry_migrate::migration::MigrateRequest {
                 to: a.to.clone(),

@@ -400,3 +400,119 @@ fn operations_during_a_migration_get_409() {
     t.join().unwrap();
     assert_eq!(api("status", &ssock)["state"], "running");
 }
+
+#[test]
+fn cancel_during_the_rounds_keeps_the_guest_and_cancel_without_a_migration_is_409() {
+    let (mut src, ssock) = running_guest("dirty wss=64 rate=max report=100", "512M");
+    let o = ferry_cmd(&["migrate-cancel", "--api-sock", ssock.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no migration is running"));
+    let (mut dst, _d, addr) = receiver("unix://DIR/mig.sock", &[]);
+    let s = ssock.clone();
+    // A budget of 0 ms never converges: the rounds go on until cancelled.
+    let t = std::thread::spawn(move || migrate(&s, &addr, &["--downtime-ms", "0", "--max-rounds", "1000"]));
+    let deadline = std::time::Instant::now() + secs(30);
+    while http_get(&ssock, "/vm/migration")["round"].as_u64().unwrap_or(0) < 2 {
+        assert!(std::time::Instant::now() < deadline, "no rounds: {}", http_get(&ssock, "/vm/migration"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let o = ferry_cmd(&["migrate-cancel", "--api-sock", ssock.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = t.join().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cancelled"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(http_get(&ssock, "/vm/migration")["state"], "cancelled");
+    assert_ne!(dst.wait_exit(secs(30)).code(), Some(0));
+    assert!(!dst.seen.iter().any(|l| l.starts_with("PROGRESS")), "nothing ran at the destination");
+    source_still_fine(&mut src, &ssock);
+}
+
+#[test]
+fn source_killed_mid_stream_runs_nothing_at_the_destination() {
+    let (mut src, ssock) = running_guest("dirty wss=64 rate=max report=100", "512M");
+    let (mut dst, _d, addr) = receiver("unix://DIR/mig.sock", &[]);
+    let s = ssock.clone();
+    let t = std::thread::spawn(move || migrate(&s, &addr, &["--downtime-ms", "0", "--max-rounds", "1000"]));
+    let deadline = std::time::Instant::now() + secs(30);
+    while http_get(&ssock, "/vm/migration")["round"].as_u64().unwrap_or(0) < 1 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    src.child.kill().unwrap();
+    let _ = t.join();
+    let code = dst.wait_exit(secs(30)).code();
+    assert_eq!(code, Some(1), "the destination gives up");
+    assert!(!dst.seen.iter().any(|l| l.starts_with("PROGRESS")), "no guest ran: {:?}", dst.seen);
+    assert!(dst.stderr_lines().join("\n").contains("closed"), "it says the source went away");
+}
+
+#[test]
+fn an_expired_source_certificate_is_refused_end_to_end() {
+    use std::time::{Duration as D, SystemTime};
+    let ca = tempfile::tempdir().unwrap();
+    certs(ca.path(), &["127.0.0.1"]);
+    let now = SystemTime::now();
+    ferry_migrate::certs::issue_with_validity(ca.path(), "src", now - D::from_secs(7200), now - D::from_secs(3600))
+        .unwrap();
+    let (mut src, ssock) = running_guest("dirty wss=4 rate=max report=100", "64M");
+    let mut d = tls_args(ca.path(), "127.0.0.1");
+    d.extend(["--allow-peer".into(), "src".into()]);
+    let d: Vec<&str> = d.iter().map(|s| s.as_str()).collect();
+    let (_dst, _s, addr) = receiver("tcp://127.0.0.1:0", &d);
+    let s = tls_args(ca.path(), "src");
+    let s: Vec<&str> = s.iter().map(|x| x.as_str()).collect();
+    let o = migrate(&ssock, &addr, &s);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+    assert!(err.contains("expired") || err.contains("certificate"), "{err}");
+    source_still_fine(&mut src, &ssock);
+}
+
+/// Relays a unix stream and keeps a copy of what the source sent.
+fn recording_relay(listen: PathBuf, to: String) -> std::thread::JoinHandle<Vec<u8>> {
+    let l = UnixListener::bind(&listen).unwrap();
+    std::thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        let mut b = UnixStream::connect(to.trim_start_matches("unix://")).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+        });
+        let mut rec = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = a.read(&mut buf) {
+            if n == 0 || b.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            rec.extend_from_slice(&buf[..n]);
+        }
+        let _ = b.shutdown(std::net::Shutdown::Write);
+        let _ = back.join();
+        rec
+    })
+}
+
+#[test]
+fn a_recorded_migration_replayed_to_another_destination_is_refused() {
+    let (_src, ssock) = running_guest("dirty wss=4 rate=20000 report=100", "64M");
+    let (mut dst, _d, addr) = receiver("unix://DIR/mig.sock", &[]);
+    let relay_dir = tempfile::tempdir().unwrap();
+    let relay = relay_dir.path().join("relay.sock");
+    let t = recording_relay(relay.clone(), addr);
+    let o = migrate(&ssock, &format!("unix://{}", relay.display()), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recorded = t.join().unwrap();
+    assert!(recorded.len() > 1000);
+    // Replay the whole recording to a fresh destination.
+    let (mut dst2, _d2, addr2) = receiver("unix://DIR/mig.sock", &[]);
+    let mut c = UnixStream::connect(addr2.trim_start_matches("unix://")).unwrap();
+    let _ = c.write_all(&recorded);
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    assert_eq!(dst2.wait_exit(secs(30)).code(), Some(1));
+    let err = dst2.stderr_lines().join("\n");
+    assert!(err.contains("tag mismatch"), "the replay fails its first session frame: {err}");
+    assert!(!dst2.seen.iter().any(|l| l.starts_with("PROGRESS")), "nothing ran");
+    let o = ferry_cmd(&["shutdown", "--api-sock", _d.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert_eq!(dst.wait_exit(secs(30)).code(), Some(0));
+}

@@ -164,6 +164,12 @@ pub enum ControlError {
         /// Where the guest went.
         to: String,
     },
+    /// No migration is running.
+    #[error("no migration is running")]
+    NothingToCancel,
+    /// The migration has committed; the guest belongs to the destination.
+    #[error("the migration has committed: the guest belongs to the destination now and cannot be called back")]
+    AlreadyCommitted,
     /// A migration was refused or failed; the guest runs here as before.
     #[error("migration failed, the guest stays here: {0}")]
     Migration(#[from] MigrationError),
@@ -200,7 +206,10 @@ impl ControlError {
             ControlError::Busy { .. }
             | ControlError::Stopped(_)
             | ControlError::ShuttingDown(_)
-            | ControlError::Migrated { .. } => Fault::Conflict,
+            | ControlError::Migrated { .. }
+            | ControlError::NothingToCancel
+            | ControlError::AlreadyCommitted => Fault::Conflict,
+            ControlError::Migration(m) if m.is_cancelled() => Fault::Conflict,
             ControlError::Migration(m) if m.is_client_error() => Fault::Client,
             ControlError::Migration(MigrationError::Engine(crate::Error::NotConverging { .. })) => Fault::Conflict,
             ControlError::Migration(MigrationError::Engine(_)) => Fault::Vmm,
@@ -314,7 +323,7 @@ impl VmController {
                     p.result = Some(s.clone());
                 }
                 Err(e) => {
-                    p.state = Some(MigrationState::Failed);
+                    p.state = Some(if e.is_cancelled() { MigrationState::Cancelled } else { MigrationState::Failed });
                     p.error = Some(e.to_string());
                 }
             }
@@ -333,6 +342,21 @@ impl VmController {
                 Err(e.into())
             }
         }
+    }
+
+    /// Cancels the running migration: it stops at its next frame and the
+    /// guest keeps running here. Refused once the source has committed.
+    pub fn cancel_migration(&self) -> Result<(), ControlError> {
+        let running = matches!(self.ops.lock().unwrap().current, Some((Operation::Migration, _)));
+        let mut p = self.migration.lock().unwrap();
+        if !running || p.result.is_some() || p.error.is_some() {
+            return Err(ControlError::NothingToCancel);
+        }
+        if p.committed {
+            return Err(ControlError::AlreadyCommitted);
+        }
+        p.cancel_requested = true;
+        Ok(())
     }
 
     /// The running or last migration's progress.

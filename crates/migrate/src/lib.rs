@@ -73,6 +73,9 @@ pub enum Error {
         /// Throttle in effect at the end, if auto-converge was on.
         throttle_percent: Option<u32>,
     },
+    /// The user cancelled the migration before it committed.
+    #[error("cancelled by the user before the commit; the guest keeps running here")]
+    Cancelled,
     /// The migration stream failed or carried something wrong.
     #[error(transparent)]
     Wire(#[from] wire::WireError),

@@ -219,7 +219,7 @@ pub enum MigrationError {
     #[error("the destination refused the migration: {0}")]
     Refused(String),
     /// The peer sent something wrong, stalled or vanished.
-    #[error("migration stream: {0}")]
+    #[error(transparent)]
     Wire(#[from] WireError),
     /// The peer gave up.
     #[error("the peer aborted the migration: {0}")]
@@ -241,6 +241,11 @@ pub enum MigrationError {
 }
 
 impl MigrationError {
+    /// True when the user cancelled it.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, MigrationError::Engine(crate::Error::Cancelled))
+    }
+
     /// True when the request itself was wrong (a 400).
     pub fn is_client_error(&self) -> bool {
         matches!(self, MigrationError::Invalid(_))
@@ -266,6 +271,11 @@ pub struct MigrationProgress {
     pub result: Option<MigrationStats>,
     /// The error, once failed.
     pub error: Option<String>,
+    /// The source has sent `Go`: the guest is the destination's, cancel is too late.
+    pub committed: bool,
+    /// A cancel was asked for; the migration stops at its next frame.
+    #[serde(skip)]
+    pub cancel_requested: bool,
 }
 
 /// Shared progress handle.
@@ -324,6 +334,9 @@ struct WireSink<'a> {
 
 impl PageSink for WireSink<'_> {
     fn pages(&mut self, gpa: u64, data: &[u8]) -> crate::Result<()> {
+        if self.progress.lock().unwrap().cancel_requested {
+            return Err(crate::Error::Cancelled);
+        }
         let step = (MAX_RUN_PAGES as u64 * PAGE) as usize;
         for (i, c) in data.chunks(step).enumerate() {
             encode_pages(gpa + (i * step) as u64, c, self.codec, &mut self.buf);
@@ -340,6 +353,9 @@ impl PageSink for WireSink<'_> {
     }
 
     fn sync(&mut self, _round: u32, pages: u64) -> crate::Result<()> {
+        if self.progress.lock().unwrap().cancel_requested {
+            return Err(crate::Error::Cancelled);
+        }
         self.rounds += 1;
         let round = self.rounds;
         self.w.send(&Message::RoundEnd { round, pages }).map_err(wire_io)?;
@@ -476,7 +492,15 @@ pub fn migrate_out(
                 return Err(MigrationError::DigestMismatch { source_digest: ours.clone(), destination: theirs });
             }
         }
-        // The commit: after this write the guest is the destination's.
+        // The commit: after this write the guest is the destination's. A
+        // cancel is honoured up to here, and refused from here on.
+        {
+            let mut p = progress.lock().unwrap();
+            if p.cancel_requested {
+                return Err(MigrationError::Engine(crate::Error::Cancelled));
+            }
+            p.committed = true;
+        }
         w.send(&Message::Go).map_err(WireError::Io)?;
         w.flush().map_err(WireError::Io)?;
         Ok((finish_stats(&pre, &migration_id, &req.to, kind, setup_ms, downtime, ready), pause_started))

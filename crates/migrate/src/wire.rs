@@ -84,8 +84,8 @@ impl Kind {
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The stream failed or ended.
-    #[error("reading the migration stream: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("{}", io_text(.0))]
+    Io(std::io::Error),
     /// The stream ended between frames or inside one.
     #[error("the peer closed the migration stream {0}")]
     Closed(&'static str),
@@ -118,6 +118,25 @@ pub enum WireError {
         /// What is wrong.
         what: String,
     },
+}
+
+impl From<std::io::Error> for WireError {
+    fn from(e: std::io::Error) -> Self {
+        WireError::Io(e)
+    }
+}
+
+/// Says what an I/O error on the stream means for a person (the OS error
+/// once, without a repeated chain).
+fn io_text(e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionReset | K::BrokenPipe | K::ConnectionAborted | K::UnexpectedEof => {
+            format!("the peer closed the migration stream ({e})")
+        }
+        K::WouldBlock | K::TimedOut => format!("the peer sent nothing within the timeout ({e})"),
+        _ => format!("the migration stream failed: {e}"),
+    }
 }
 
 /// Codec of a page run on the wire.
