@@ -67,6 +67,67 @@ pub struct VmState {
     pub devices: DevicesState,
 }
 
+/// Most MSRs one vCPU's state may carry (KVM's index list has a few hundred).
+pub const MAX_MSRS_PER_VCPU: usize = 1024;
+
+/// Longest device FIFO a state may carry (the 16550 has 64 bytes; i8042 a few).
+pub const MAX_DEVICE_BUFFER: usize = 4096;
+
+/// Longest command line a state may carry.
+pub const MAX_STATE_CMDLINE: usize = 64 << 10;
+
+impl VmState {
+    /// Checks every count and length before anything is applied: a state
+    /// read from a file or a peer is hostile until checked.
+    pub fn check(&self) -> Result<(), Error> {
+        let bad = |w: String| Err(Error::BadState(w));
+        if self.version != VM_STATE_VERSION {
+            return bad(format!(
+                "VM state version {} is not supported (this ferry reads {VM_STATE_VERSION})",
+                self.version
+            ));
+        }
+        let n = self.vcpus.len();
+        if n == 0 || n > crate::mptable::MAX_CPUS as usize {
+            return bad(format!("{n} vCPUs in the state; 1..={} are supported", crate::mptable::MAX_CPUS));
+        }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if v.id as usize != i {
+                return bad(format!("vCPU {i} carries id {}", v.id));
+            }
+            if v.msrs.len() > MAX_MSRS_PER_VCPU {
+                return bad(format!("vCPU {i} carries {} MSRs, more than {MAX_MSRS_PER_VCPU}", v.msrs.len()));
+            }
+        }
+        if self.irqchips.len() != 3 {
+            return bad(format!(
+                "{} interrupt controllers in the state; expected 3 (PIC master, PIC slave, IOAPIC)",
+                self.irqchips.len()
+            ));
+        }
+        for (i, want) in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC].iter().enumerate() {
+            if self.irqchips[i].chip_id != *want {
+                return bad(format!(
+                    "interrupt controller {i} has chip id {}, expected {want}",
+                    self.irqchips[i].chip_id
+                ));
+            }
+        }
+        if self.cmdline.len() > MAX_STATE_CMDLINE {
+            return bad(format!("command line of {} bytes", self.cmdline.len()));
+        }
+        if self.devices.serial.in_buffer.len() > MAX_DEVICE_BUFFER
+            || self.devices.i8042.buffer.len() > MAX_DEVICE_BUFFER
+        {
+            return bad("a device buffer is longer than any device has".into());
+        }
+        if self.mem_bytes == 0 {
+            return bad("no guest memory in the state".into());
+        }
+        Ok(())
+    }
+}
+
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
 }
@@ -155,4 +216,119 @@ pub fn restore_vm(vm: &VmFd, pit: &kvm_pit_state2, clock: &kvm_clock_data, chips
         vm.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+    use crate::devices::{DevicesState, I8042State, SerialRegs};
+
+    fn vcpu(id: u32) -> VcpuState {
+        VcpuState {
+            id,
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            debug_regs: Default::default(),
+            lapic: Default::default(),
+            msrs: vec![kvm_msr_entry { index: 0x10, data: 5, ..Default::default() }],
+            events: Default::default(),
+            mp_state: Default::default(),
+        }
+    }
+
+    fn state() -> VmState {
+        let chip = |id| kvm_irqchip { chip_id: id, ..Default::default() };
+        VmState {
+            version: VM_STATE_VERSION,
+            mem_bytes: 64 << 20,
+            cmdline: "idle".into(),
+            cpu_template: CpuTemplate::Host,
+            tsc_khz: 1000,
+            vcpus: vec![vcpu(0), vcpu(1)],
+            pit: Default::default(),
+            clock: Default::default(),
+            irqchips: vec![chip(KVM_IRQCHIP_PIC_MASTER), chip(KVM_IRQCHIP_PIC_SLAVE), chip(KVM_IRQCHIP_IOAPIC)],
+            devices: DevicesState {
+                serial: SerialRegs {
+                    baud_divisor_low: 0,
+                    baud_divisor_high: 0,
+                    interrupt_enable: 0,
+                    interrupt_identification: 0,
+                    line_control: 0,
+                    line_status: 0,
+                    modem_control: 0,
+                    modem_status: 0,
+                    scratch: 0,
+                    in_buffer: vec![],
+                },
+                i8042: I8042State::default(),
+            },
+        }
+    }
+
+    #[test]
+    fn check_refuses_bad_counts() {
+        state().check().unwrap();
+        let mut s = state();
+        s.vcpus.clear();
+        assert!(s.check().is_err());
+        let mut s = state();
+        s.vcpus[1].id = 7;
+        assert!(s.check().unwrap_err().to_string().contains("id 7"));
+        let mut s = state();
+        s.vcpus[0].msrs = vec![Default::default(); MAX_MSRS_PER_VCPU + 1];
+        assert!(s.check().is_err());
+        let mut s = state();
+        s.irqchips.pop();
+        assert!(s.check().is_err());
+        let mut s = state();
+        s.irqchips[2].chip_id = 9;
+        assert!(s.check().is_err());
+        let mut s = state();
+        s.devices.i8042.buffer = vec![0; MAX_DEVICE_BUFFER + 1];
+        assert!(s.check().is_err());
+    }
+
+    /// The state decoder under a small deterministic fuzzer that runs in the
+    /// suite: mutated JSON decodes or fails, never panics, and what decodes
+    /// is then checked.
+    #[test]
+    fn fuzz_the_state_decoder() {
+        let seed = serde_json::to_vec(&state()).unwrap();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut decoded, mut checked) = (0, 0);
+        for i in 0..20_000 {
+            let mut b = seed.clone();
+            match i % 3 {
+                0 => {
+                    for _ in 0..(next() % 4 + 1) {
+                        let at = next() as usize % b.len();
+                        let alphabet = b"0123456789[]{},:\"-e.x ";
+                        b[at] = alphabet[next() as usize % alphabet.len()];
+                    }
+                }
+                1 => b.truncate(next() as usize % b.len()),
+                _ => {
+                    let at = next() as usize % b.len();
+                    let digits = format!("{}", next());
+                    b.splice(at..at, digits.into_bytes());
+                }
+            }
+            if let Ok(s) = serde_json::from_slice::<VmState>(&b) {
+                decoded += 1;
+                if s.check().is_ok() {
+                    checked += 1;
+                }
+            }
+        }
+        eprintln!("state fuzz: {decoded} of 20000 mutations decoded, {checked} passed the checks");
+    }
 }

@@ -310,12 +310,7 @@ impl Vm {
         ram: &mut Option<Arc<GuestRam>>,
         fill: impl FnOnce(&GuestRam) -> Result<(), Error>,
     ) -> Result<Vm, Error> {
-        if state.version != VM_STATE_VERSION {
-            return Err(Error::BadState(format!(
-                "VM state version {} is not supported (this ferry reads version {VM_STATE_VERSION})",
-                state.version
-            )));
-        }
+        state.check()?;
         let count = state.vcpus.len() as u32;
         // Restored VMs log dirty pages from the start (their next snapshot can
         // be incremental), so the slots are created with logging on.
@@ -648,12 +643,7 @@ impl PreparedVm {
     /// the vCPU threads, paused.
     pub fn apply(self, state: &VmState) -> Result<Vm, Error> {
         let vm = self.vm;
-        if state.version != VM_STATE_VERSION {
-            return Err(Error::BadState(format!(
-                "VM state version {} is not supported (this ferry reads version {VM_STATE_VERSION})",
-                state.version
-            )));
-        }
+        state.check()?;
         let want = (vm.status.mem_bytes, vm.vcpus.len(), vm.status.cpu_template, vm.status.tsc_khz);
         let got = (state.mem_bytes, state.vcpus.len(), state.cpu_template, state.tsc_khz);
         if want != got {
