@@ -207,8 +207,14 @@ fn http_get(sock: &Path, path: &str) -> serde_json::Value {
     serde_json::from_str(r.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("null")).unwrap_or_default()
 }
 
-/// Relays a unix stream, flipping one byte at `flip_at` of the source → destination direction.
-fn corrupting_relay(listen: PathBuf, to: String, flip_at: usize) -> std::thread::JoinHandle<()> {
+/// Relays a unix stream from the source to `to` and back; `tamper` sees
+/// each source-to-destination chunk with its offset in the stream before
+/// it is forwarded. Returns what the source sent.
+fn relay(
+    listen: PathBuf,
+    to: String,
+    mut tamper: impl FnMut(usize, &mut [u8]) + Send + 'static,
+) -> std::thread::JoinHandle<Vec<u8>> {
     let l = UnixListener::bind(&listen).unwrap();
     std::thread::spawn(move || {
         let (mut a, _) = l.accept().unwrap();
@@ -218,23 +224,30 @@ fn corrupting_relay(listen: PathBuf, to: String, flip_at: usize) -> std::thread:
             let _ = std::io::copy(&mut b2, &mut a2);
             let _ = a2.shutdown(std::net::Shutdown::Both);
         });
+        let mut rec = Vec::new();
         let mut buf = vec![0u8; 65536];
-        let mut seen = 0usize;
-        loop {
-            let n = match a.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if seen <= flip_at && flip_at < seen + n {
-                buf[flip_at - seen] ^= 0x40;
+        while let Ok(n) = a.read(&mut buf) {
+            if n == 0 {
+                break;
             }
-            seen += n;
+            tamper(rec.len(), &mut buf[..n]);
+            rec.extend_from_slice(&buf[..n]);
             if b.write_all(&buf[..n]).is_err() {
                 break;
             }
         }
-        let _ = b.shutdown(std::net::Shutdown::Both);
+        let _ = b.shutdown(std::net::Shutdown::Write);
         let _ = back.join();
+        rec
+    })
+}
+
+/// A relay that flips one byte at `flip_at` of the source's stream.
+fn corrupting_relay(listen: PathBuf, to: String, flip_at: usize) -> std::thread::JoinHandle<Vec<u8>> {
+    relay(listen, to, move |seen, chunk| {
+        if seen <= flip_at && flip_at < seen + chunk.len() {
+            chunk[flip_at - seen] ^= 0x40;
+        }
     })
 }
 
@@ -244,9 +257,9 @@ fn one_corrupted_byte_aborts_the_migration_and_the_guest_stays() {
     for flip_at in [20usize, 300_000] {
         let (mut dst, _dsock, addr) = receiver("unix://DIR/mig.sock", &[]);
         let relay_dir = tempfile::tempdir().unwrap();
-        let relay = relay_dir.path().join("relay.sock");
-        let t = corrupting_relay(relay.clone(), addr, flip_at);
-        let o = migrate(&ssock, &format!("unix://{}", relay.display()), &[]);
+        let relay_path = relay_dir.path().join("relay.sock");
+        let t = corrupting_relay(relay_path.clone(), addr, flip_at);
+        let o = migrate(&ssock, &format!("unix://{}", relay_path.display()), &[]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "flip at {flip_at}: {err}");
         assert!(err.contains("tag mismatch") || err.contains("aborted"), "flip at {flip_at}: {err}");
@@ -468,38 +481,14 @@ fn an_expired_source_certificate_is_refused_end_to_end() {
     source_still_fine(&mut src, &ssock);
 }
 
-/// Relays a unix stream and keeps a copy of what the source sent.
-fn recording_relay(listen: PathBuf, to: String) -> std::thread::JoinHandle<Vec<u8>> {
-    let l = UnixListener::bind(&listen).unwrap();
-    std::thread::spawn(move || {
-        let (mut a, _) = l.accept().unwrap();
-        let mut b = UnixStream::connect(to.trim_start_matches("unix://")).unwrap();
-        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-        let back = std::thread::spawn(move || {
-            let _ = std::io::copy(&mut b2, &mut a2);
-        });
-        let mut rec = Vec::new();
-        let mut buf = vec![0u8; 65536];
-        while let Ok(n) = a.read(&mut buf) {
-            if n == 0 || b.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            rec.extend_from_slice(&buf[..n]);
-        }
-        let _ = b.shutdown(std::net::Shutdown::Write);
-        let _ = back.join();
-        rec
-    })
-}
-
 #[test]
 fn a_recorded_migration_replayed_to_another_destination_is_refused() {
     let (_src, ssock) = running_guest("dirty wss=4 rate=20000 report=100", "64M");
     let (mut dst, _d, addr) = receiver("unix://DIR/mig.sock", &[]);
     let relay_dir = tempfile::tempdir().unwrap();
-    let relay = relay_dir.path().join("relay.sock");
-    let t = recording_relay(relay.clone(), addr);
-    let o = migrate(&ssock, &format!("unix://{}", relay.display()), &[]);
+    let relay_path = relay_dir.path().join("relay.sock");
+    let t = relay(relay_path.clone(), addr, |_, _| {});
+    let o = migrate(&ssock, &format!("unix://{}", relay_path.display()), &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let recorded = t.join().unwrap();
     assert!(recorded.len() > 1000);
