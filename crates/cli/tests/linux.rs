@@ -184,23 +184,74 @@ fn linux_snapshotted_mid_boot_continues_booting_after_restore() {
         t >= last_before && t - last_before < 600.0,
         "printk clock continues: last before the snapshot {last_before}, first new line {t} ({first_new})"
     );
+    boots_on_until_init_or_emulator_stop(&mut r, &source_lines, &first_new, "restored");
+}
+
+/// Follows a Linux that resumed elsewhere (restored or migrated) until it
+/// reaches /init (hardware virtualisation) or stops where an unmoved boot
+/// stops on a software hypervisor; reports how far it got.
+fn boots_on_until_init_or_emulator_stop(g: &mut Guest, source_lines: &[String], first_new: &str, how: &str) {
     let deadline = std::time::Instant::now() + secs(1200);
     loop {
-        if let Some(st) = r.child.try_wait().unwrap() {
-            let err = r.stderr_lines().join("\n");
+        if let Some(st) = g.child.try_wait().unwrap() {
+            let err = g.stderr_lines().join("\n");
             assert_eq!(st.code(), Some(125), "{err}");
             assert!(err.contains("emulation failure") && err.contains("instruction bytes"), "{err}");
-            let new_lines = r.seen.iter().filter(|l| !source_lines.contains(l)).count();
+            let new_lines = g.seen.iter().filter(|l| !source_lines.contains(l)).count();
             eprintln!(
-                "restored Linux printed {new_lines} new console lines (first: {first_new}), last: {:?}, then stopped under instruction emulation as an unsnapshotted boot does here: {err}",
-                r.seen.last()
+                "{how} Linux printed {new_lines} new console lines (first: {first_new}), last: {:?}, then stopped under instruction emulation as an unmoved boot does here: {err}",
+                g.seen.last()
             );
             return;
         }
-        let lines = r.collect_for(std::time::Duration::from_millis(500));
+        let lines = g.collect_for(std::time::Duration::from_millis(500));
         if lines.iter().any(|l| l.contains("FERRY-LINUX-INIT up")) {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "restored Linux neither reached /init nor stopped");
+        assert!(std::time::Instant::now() < deadline, "{how} Linux neither reached /init nor stopped");
     }
+}
+
+#[test]
+fn linux_migrated_mid_boot_continues_booting_at_the_destination() {
+    let Some((kernel, initrd)) = assets() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1";
+    let mut g = start_linux(&kernel, &initrd, cmdline, &["--api-sock", sock.to_str().unwrap(), "--vcpus", "2"]);
+    g.wait_for("e820 map", secs(600), |l| l.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"));
+    wait_sock(&sock);
+    // The destination waits on a unix socket; the source migrates to it live.
+    let ddir = tempfile::tempdir().unwrap();
+    let mig = ddir.path().join("mig.sock");
+    let dsock = ddir.path().join("d.sock");
+    let listen = format!("unix://{}", mig.display());
+    let mut d = Guest::start_receive(
+        tempfile::tempdir().unwrap(),
+        &["--listen", &listen, "--api-sock", dsock.to_str().unwrap()],
+    );
+    d.wait_stderr("waiting for a migration", secs(30));
+    let o = ferry_cmd(&["migrate", "--api-sock", sock.to_str().unwrap(), "--to", &listen, "--verify-digest", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["memory_digest"], v["destination_digest"], "{v}");
+    eprintln!(
+        "migrated booting Linux: downtime {} ms, total {} ms, rounds {}, {} bytes",
+        v["downtime_ms"],
+        v["total_ms"],
+        v["rounds"].as_array().map(|r| r.len()).unwrap_or(0),
+        v["bytes_sent"]
+    );
+    assert_eq!(g.wait_exit(secs(60)).code(), Some(0), "the source gave the guest up");
+    let source_lines = g.seen.clone();
+    let last_before = source_lines.iter().rev().find_map(|l| printk_secs(l)).unwrap_or(0.0);
+    let first_new = d.wait_for("a console line the source never printed", secs(900), |l| {
+        printk_secs(l).is_some() && !source_lines.iter().any(|s| s == l)
+    });
+    let t = printk_secs(&first_new).unwrap();
+    assert!(
+        t >= last_before && t - last_before < 600.0,
+        "printk clock continues: last at the source {last_before}, first at the destination {t} ({first_new})"
+    );
+    boots_on_until_init_or_emulator_stop(&mut d, &source_lines, &first_new, "migrated");
 }
