@@ -1,12 +1,10 @@
 //! `ferry`: a thin command line over the ferry library crates.
 
 mod api;
-mod bench;
 mod certs;
 mod http;
 mod imagecmd;
 mod signals;
-mod size;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -74,7 +72,7 @@ enum Command {
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
-        cmd: bench::BenchCmd,
+        cmd: ferry_bench::BenchCmd,
     },
 }
 
@@ -101,7 +99,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "")]
     pub cmdline: String,
     /// Guest memory: a number of MiB, or with a unit (512M, 1G, 2GiB).
-    #[arg(long, default_value = "256M", value_parser = size::parse_mem)]
+    #[arg(long, default_value = "256M", value_parser = ferry_vmm::size::parse_mem)]
     pub mem: u64,
     /// Number of vCPUs (1..=32).
     #[arg(long, default_value_t = 1)]
@@ -372,7 +370,7 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
             eprintln!("ferry: wrote the test guest ({} bytes, PVH ELF) to {}", ferry_guest::ELF.len(), out.display());
             Ok(0)
         }
-        Command::Bench { cmd } => bench::run(cmd),
+        Command::Bench { cmd } => ferry_bench::run(cmd),
         Command::Snapshot(a) => {
             if a.key_file.is_some() && !a.encrypt {
                 bail!("--key-file given without --encrypt; add --encrypt to encrypt the image");
@@ -833,7 +831,7 @@ fn serve_vm_with(
         s.drain(Duration::from_secs(2));
     }
     if let Some(path) = report {
-        let mut report = serde_json::to_value(bench::RunReport::collect(&vm, &reason))?;
+        let mut report = serde_json::to_value(ferry_bench::RunReport::collect(&vm, &reason))?;
         if let Some(sig) = signal.received() {
             report["signal"] = serde_json::json!(sig);
         }

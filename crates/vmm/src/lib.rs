@@ -14,6 +14,7 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod size;
 pub mod state;
 pub mod uffd;
 mod vcpu;

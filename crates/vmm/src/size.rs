@@ -1,4 +1,5 @@
-//! Parsing memory sizes given on the command line.
+//! Memory sizes given on a command line, in one place so that `ferry run --mem`
+//! and `ferry bench --mem` mean the same thing.
 
 /// Parses `256`, `256M`, `256MiB`, `1G`, `1GiB`, `4096K` into bytes (a bare number is MiB).
 pub fn parse_mem(s: &str) -> Result<u64, String> {

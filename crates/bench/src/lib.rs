@@ -1,0 +1,86 @@
+//! `ferry bench`: ferry's benchmark harness.
+//!
+//! Benchmarks print figures; they never assert on time, because the machines
+//! they run on are shared and noisy. Every comparison (against the disk, the
+//! codec, the link, QEMU) is measured side by side in the same run and stated
+//! as a ratio.
+//!
+//! The harness drives the real `ferry` binary as child processes (it finds it
+//! with [`std::env::current_exe`], so `ferry bench` measures the build it was
+//! started from) and talks to it only through its command line and its
+//! output, as a user would. It is a crate of its own so that the CLI stays a
+//! thin layer over the library crates and the benchmarks can grow without
+//! growing the binary's main module.
+//!
+//! Layout: `probe` (what is measured: boot, snapshot, migrate, and the host
+//! figures: machine, disk, codec, memory, schedstat, link), `peer` (the other
+//! VMMs: QEMU; Firecracker's comparison is a script), `report` (tables and
+//! JSON), and the plumbing (`child`, `vm`, `util`, `size`).
+#![warn(missing_docs)]
+
+mod child;
+mod peer;
+mod probe;
+mod report;
+mod run_report;
+mod util;
+mod vm;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+pub use probe::migrate::MigrateBenchArgs;
+pub use probe::snapshot::SnapBenchArgs;
+pub use run_report::RunReport;
+
+/// The `ferry bench` subcommands (clap derive; the CLI flattens this enum
+/// under `ferry bench`).
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Boot the test guest repeatedly: time to first instruction and first
+    /// progress line, dirty rate, memory-digest speed, VMM memory overhead.
+    Boot {
+        /// Boots to measure.
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Guest memory for the dirty-rate and digest runs.
+        #[arg(long, default_value = "1G", value_parser = ferry_vmm::size::parse_mem)]
+        mem: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live snapshot, restore, encryption and incremental figures, side by
+    /// side with the disk, the codec and QEMU on the same machine.
+    Snapshot {
+        /// Its options.
+        #[command(flatten)]
+        args: SnapBenchArgs,
+    },
+    /// Live migration on loopback (unix, TCP, TLS; lz4 or raw): downtime,
+    /// total time, bytes, rounds, against the link's own speed and QEMU's
+    /// migration of the same guest.
+    Migrate {
+        /// Its options.
+        #[command(flatten)]
+        args: MigrateBenchArgs,
+    },
+}
+
+/// Runs a benchmark and returns the process exit status (0: it ran; a
+/// benchmark whose guest failed its own checks still prints its figures).
+pub fn run(cmd: BenchCmd) -> Result<u8> {
+    match cmd {
+        BenchCmd::Boot { runs, mem, json } => {
+            let b = probe::boot::boot_bench(runs, mem)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+            } else {
+                report::tables::print_boot(&b);
+            }
+            Ok(0)
+        }
+        BenchCmd::Snapshot { args } => probe::snapshot::snapshot_bench(args),
+        BenchCmd::Migrate { args } => probe::migrate::migrate_bench(args),
+    }
+}

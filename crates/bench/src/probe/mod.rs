@@ -1,0 +1,7 @@
+//! What the benches measure, one module per probe: ferry's boot, snapshot
+//! and migration, and the host figures they are judged against.
+
+pub(crate) mod boot;
+pub(crate) mod host;
+pub(crate) mod migrate;
+pub(crate) mod snapshot;
