@@ -211,6 +211,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("/vm/migrate", "PUT"),
     ("/vm/migration", "GET"),
     ("/vm/migration/cancel", "PUT"),
+    ("/vm/migration/resume", "PUT"),
 ];
 
 fn run_state_response(ctl: &VmController, applied: Applied, requested: &str) -> Response {
@@ -323,6 +324,11 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
         ("PUT", "/vm/migration/cancel") => match body_json(req).map(|_| ctl.cancel_migration()) {
             Err(r) => r,
             Ok(Ok(())) => Response::json(202, &json!({ "state": "cancelling" })),
+            Ok(Err(e)) => control_error(e),
+        },
+        ("PUT", "/vm/migration/resume") => match body_json(req).map(|_| ctl.resume_migration()) {
+            Err(r) => r,
+            Ok(Ok(v)) => Response::json(200, &v),
             Ok(Err(e)) => control_error(e),
         },
         (_, p) => match ENDPOINTS.iter().find(|(path, _)| *path == p) {

@@ -189,9 +189,17 @@ struct MigrateArgs {
     #[arg(long)]
     api_sock: PathBuf,
     /// Destination: tcp://HOST:PORT or unix://PATH.
-    #[arg(long)]
-    to: String,
-    /// precopy (postcopy and hybrid are not in this build yet).
+    #[arg(long, required_unless_present = "resume")]
+    to: Option<String>,
+    /// Finish a post-copy migration whose link was lost (state
+    /// postcopy-paused), over a new connection to the same destination.
+    #[arg(long, conflicts_with = "to")]
+    resume: bool,
+    /// precopy (rounds while the guest runs, then stop-and-copy), postcopy
+    /// (the guest moves at once; pages follow on first touch and in the
+    /// background) or hybrid (pre-copy rounds, then post-copy). Post-copy
+    /// and hybrid cannot fall back once the guest has moved: if the
+    /// destination host dies before every page arrived, the guest is lost.
     #[arg(long, default_value = "precopy")]
     mode: ferry_migrate::migration::MigrationMode,
     /// Pause budget for the stop-and-copy, ms.
@@ -403,9 +411,21 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
         Command::Receive(a) => receive(a, start),
         Command::Certs { cmd } => certs::run(cmd),
         Command::MigrateCancel(a) => print_json(api(&a.api_sock, "PUT", "/vm/migration/cancel", None)?),
+        Command::Migrate(a) if a.resume => {
+            let progress = progress_printer(a.api_sock.clone(), a.json);
+            let v = api(&a.api_sock, "PUT", "/vm/migration/resume", None);
+            progress.store(true, std::sync::atomic::Ordering::SeqCst);
+            let v = v?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_migration(&v);
+            }
+            Ok(0)
+        }
         Command::Migrate(a) => {
             let req = ferry_migrate::migration::MigrateRequest {
-                to: a.to.clone(),
+                to: a.to.clone().unwrap_or_default(),
                 mode: a.mode,
                 downtime_ms: a.downtime_ms,
                 max_rounds: a.max_rounds,
@@ -522,6 +542,25 @@ fn print_migration(v: &serde_json::Value) {
     }
     if let Some(d) = v["memory_digest"].as_str() {
         println!("  memory digest    {d} (both ends agree)");
+    }
+    if let Some(p) = v["postcopy"].as_object() {
+        let d = &p["destination"];
+        println!(
+            "  post-copy        {} pages deferred: {} pushed, {} requests served ({} pages); {:.1} ms, push {:.0} MB/s",
+            p["deferred_pages"],
+            p["pages_pushed"],
+            p["requests_served"],
+            p["pages_served"],
+            p["postcopy_ms"].as_f64().unwrap_or(0.0),
+            p["push_mb_per_s"].as_f64().unwrap_or(0.0)
+        );
+        if d.is_object() {
+            println!(
+                "  remote faults    {} (vCPUs blocked {:.2} ms in all; per fault median {:.3} ms, p99 {:.3} ms, max {:.3} ms)",
+                d["faults"], d["blocked_ms_total"].as_f64().unwrap_or(0.0), d["blocked_ms_median"].as_f64().unwrap_or(0.0),
+                d["blocked_ms_p99"].as_f64().unwrap_or(0.0), d["blocked_ms_max"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
 }
 
@@ -670,7 +709,6 @@ fn receive(a: ReceiveArgs, start: Instant) -> Result<u8> {
         paused: a.paused,
     };
     let got = ferry_migrate::migration::receive(&listener, opts).context("incoming migration")?;
-    drop(listener);
     let s = got.stats.clone();
     eprintln!(
         "ferry: received VM {} (migration {}) from {}{}: {} pages, {} zero pages, {} bytes; running {:.2} ms after its state arrived",
@@ -683,9 +721,24 @@ fn receive(a: ReceiveArgs, start: Instant) -> Result<u8> {
         s.bytes_received,
         s.switchover_ms
     );
-    let ctl = Arc::new(VmController::with_id(got.vm, None, None, got.vm_id));
+    let memory_ready = got.postcopy.as_ref().map(|p| p.pages.completion());
+    let postcopy = got.postcopy.as_ref().map(|p| p.pages.clone());
+    if let Some(pc) = got.postcopy {
+        // Post-copy: pages still arrive; the listener stays for a resume after a lost link.
+        static NEVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        std::thread::spawn(move || ferry_migrate::migration::serve_postcopy_resumes(&listener, &pc, &NEVER));
+    } else {
+        drop(listener);
+    }
+    let ctl = Arc::new(VmController::with_id(got.vm, None, memory_ready, got.vm_id));
     target.set(ctl.clone());
-    let incoming_json = move || serde_json::to_value(&s).unwrap_or_default();
+    let incoming_json = move || {
+        let mut v = serde_json::to_value(&s).unwrap_or_default();
+        if let (Some(pc), Some(o)) = (&postcopy, v.as_object_mut()) {
+            o.insert("postcopy".into(), serde_json::to_value(pc.stats()).unwrap_or_default());
+        }
+        v
+    };
     serve_vm_with(ctl, server, input, a.report.as_deref(), Some(&incoming_json), signal)
 }
 

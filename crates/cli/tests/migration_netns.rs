@@ -558,3 +558,36 @@ fn a_slowly_dirtying_guest_converges_without_throttle_steps() {
     check_arrived(&mut p);
     eprintln!("test took {:.1} s", t.elapsed().as_secs_f64());
 }
+
+#[test]
+fn hybrid_moves_a_guest_that_outruns_the_link_with_a_short_stop() {
+    let _serial = one_at_a_time();
+    let t = Instant::now();
+    let Some(link) = shaped_link() else { return };
+    let mut p = pair(&link, "dirty wss=64 rate=max fill=random report=100");
+    p.src.wait_line("PROGRESS", secs(10));
+    let (o, wall) = migrate(&p, &["--mode", "hybrid", "--max-rounds", "3"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "migrate failed ({:?}): {err}", o.status);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    print_figures(&v, wall);
+    assert_eq!(v["state"], "completed", "{v}");
+    assert_eq!(v["mode"], "hybrid", "{v}");
+    assert!(v["throttle"].is_null(), "hybrid does not throttle: {v}");
+    let pc = &v["postcopy"];
+    let d = &pc["destination"];
+    // The working set the link could not keep up with moved after the switch-over.
+    assert!(pc["deferred_pages"].as_u64().unwrap() > 1000, "{v}");
+    eprintln!(
+        "hybrid over 1 Gbit/s: downtime {:.2} ms, {} pages deferred, {} remote faults (blocked median {:.3} ms, p99 {:.3} ms), push {:.0} MB/s, post-copy {:.0} ms",
+        v["downtime_ms"].as_f64().unwrap_or(0.0),
+        pc["deferred_pages"],
+        d["faults"],
+        d["blocked_ms_median"].as_f64().unwrap_or(0.0),
+        d["blocked_ms_p99"].as_f64().unwrap_or(0.0),
+        pc["push_mb_per_s"].as_f64().unwrap_or(0.0),
+        pc["postcopy_ms"].as_f64().unwrap_or(0.0)
+    );
+    check_arrived(&mut p);
+    eprintln!("test took {:.1} s", t.elapsed().as_secs_f64());
+}

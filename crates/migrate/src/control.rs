@@ -25,7 +25,8 @@ use ferry_vmm::{RunState, Vm};
 use serde::Serialize;
 
 use crate::migration::{
-    migrate_out, MigrateRequest, MigrationError, MigrationProgress, MigrationState, MigrationStats, ProgressHandle,
+    migrate_out, resume_postcopy, MigrateRequest, MigrationError, MigrationProgress, MigrationState, MigrationStats,
+    PostcopyResume, ProgressHandle,
 };
 use crate::snapshot::{take_snapshot, SnapshotError, SnapshotRequest, SnapshotStats};
 use crate::LazyCompletion;
@@ -170,6 +171,12 @@ pub enum ControlError {
     /// The migration has committed; the guest belongs to the destination.
     #[error("the migration has committed: the guest belongs to the destination now and cannot be called back")]
     AlreadyCommitted,
+    /// No post-copy waits for a resume.
+    #[error("no post-copy migration is paused: nothing to resume")]
+    NothingToResume,
+    /// A post-copy lost its link after the commit; it waits for a resume.
+    #[error("{0}")]
+    PostcopyPaused(String),
     /// A migration was refused or failed; the guest runs here as before.
     #[error("migration failed, the guest stays here: {0}")]
     Migration(#[from] MigrationError),
@@ -208,7 +215,9 @@ impl ControlError {
             | ControlError::ShuttingDown(_)
             | ControlError::Migrated { .. }
             | ControlError::NothingToCancel
+            | ControlError::NothingToResume
             | ControlError::AlreadyCommitted => Fault::Conflict,
+            ControlError::PostcopyPaused(_) => Fault::Peer,
             ControlError::Migration(m) if m.is_cancelled() => Fault::Conflict,
             ControlError::Migration(m) if m.is_client_error() => Fault::Client,
             ControlError::Migration(MigrationError::Engine(crate::Error::NotConverging { .. })) => Fault::Conflict,
@@ -254,6 +263,8 @@ pub struct VmController {
     vm_id: String,
     /// The last (or running) migration.
     migration: ProgressHandle,
+    /// A post-copy whose link was lost, kept for a resume.
+    postcopy_resume: Mutex<Option<PostcopyResume>>,
 }
 
 /// Holds the VM for one operation; on drop, brings the VM to the user's
@@ -290,6 +301,7 @@ impl VmController {
             cv: Condvar::new(),
             vm_id,
             migration: Arc::new(Mutex::new(MigrationProgress::default())),
+            postcopy_resume: Mutex::new(None),
         }
     }
 
@@ -313,7 +325,38 @@ impl VmController {
         }
         let started = Instant::now();
         *self.migration.lock().unwrap() = MigrationProgress::default();
-        let r = migrate_out(&self.vm, &self.vm_id, req, &self.migration);
+        let mut resume = None;
+        let r = migrate_out(&self.vm, &self.vm_id, req, &self.migration, &mut resume);
+        self.finish_migration(started, req, r, resume, turn)
+    }
+
+    /// Records how a migration (or a resumed post-copy) ended and what it
+    /// means for the VM here.
+    fn finish_migration(
+        &self,
+        started: Instant,
+        req: &MigrateRequest,
+        r: Result<MigrationStats, MigrationError>,
+        resume: Option<PostcopyResume>,
+        turn: Turn<'_>,
+    ) -> Result<MigrationStats, ControlError> {
+        if let Err(e) = &r {
+            if e.is_postcopy_paused() {
+                // The guest is the destination's now, but part of its memory
+                // is only here: keep it paused (never resumed here) for a resume.
+                self.ops.lock().unwrap().migrated_to = Some(req.to.clone());
+                if let Some(ctx) = resume {
+                    *self.postcopy_resume.lock().unwrap() = Some(ctx);
+                }
+                let mut p = self.migration.lock().unwrap();
+                p.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+                p.state = Some(MigrationState::PostcopyPaused);
+                p.error = Some(e.to_string());
+                drop(p);
+                drop(turn);
+                return Err(ControlError::PostcopyPaused(e.to_string()));
+            }
+        }
         {
             let mut p = self.migration.lock().unwrap();
             p.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -342,6 +385,34 @@ impl VmController {
                 Err(e.into())
             }
         }
+    }
+
+    /// Finishes a post-copy whose link was lost, over a new connection.
+    pub fn resume_migration(&self) -> Result<MigrationStats, ControlError> {
+        let mut ctx = self.postcopy_resume.lock().unwrap().take().ok_or(ControlError::NothingToResume)?;
+        let turn = {
+            let mut ops = self.ops.lock().unwrap();
+            if let Some((running, since)) = ops.current {
+                *self.postcopy_resume.lock().unwrap() = Some(ctx);
+                return Err(ControlError::Busy {
+                    requested: Operation::Migration,
+                    running,
+                    elapsed_ms: since.elapsed().as_secs_f64() * 1e3,
+                });
+            }
+            ops.current = Some((Operation::Migration, Instant::now()));
+            Turn { ctl: self }
+        };
+        let started = Instant::now();
+        {
+            let mut p = self.migration.lock().unwrap();
+            p.error = None;
+            p.result = None;
+        }
+        let req = ctx.request.clone();
+        let r = resume_postcopy(&self.vm, &self.vm_id, &mut ctx, &self.migration);
+        let keep = r.as_ref().err().is_some_and(|e| e.is_postcopy_paused()).then_some(ctx);
+        self.finish_migration(started, &req, r, keep, turn)
     }
 
     /// Cancels the running migration: it stops at its next frame and the

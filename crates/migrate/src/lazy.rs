@@ -87,19 +87,23 @@ struct Region {
 }
 
 /// A bitmap that threads set bits in.
-struct Bits(Vec<AtomicU64>);
+pub(crate) struct Bits(Vec<AtomicU64>);
 
 impl Bits {
-    fn new(n: usize) -> Self {
+    pub(crate) fn new(n: usize) -> Self {
         Bits((0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
     }
     /// Sets bit `i`; true if this call set it.
-    fn claim(&self, i: usize) -> bool {
+    pub(crate) fn claim(&self, i: usize) -> bool {
         let m = 1u64 << (i % 64);
         self.0[i / 64].fetch_or(m, Ordering::AcqRel) & m == 0
     }
-    fn get(&self, i: usize) -> bool {
+    pub(crate) fn get(&self, i: usize) -> bool {
         self.0[i / 64].load(Ordering::Acquire) & (1u64 << (i % 64)) != 0
+    }
+    /// Clears bit `i`.
+    pub(crate) fn clear(&self, i: usize) {
+        self.0[i / 64].fetch_and(!(1u64 << (i % 64)), Ordering::AcqRel);
     }
 }
 
@@ -229,21 +233,28 @@ fn crash(what: &str) -> ExitReason {
     }
 }
 
-/// Shareable view of whether a lazy restore has put every page in place.
+/// Shareable view of whether guest memory is complete: a lazy restore's
+/// prefetch or a post-copy's last page. A snapshot or a migration must not
+/// start before (unpopulated pages are not yet what the guest sees).
 #[derive(Clone)]
 pub struct LazyCompletion {
-    sh: Arc<Shared>,
+    /// `Some(true)` complete, `Some(false)` it never will be, `None` not yet.
+    state: Arc<dyn Fn() -> Option<bool> + Send + Sync>,
 }
 
 impl LazyCompletion {
+    pub(crate) fn from_fn(state: Arc<dyn Fn() -> Option<bool> + Send + Sync>) -> Self {
+        LazyCompletion { state }
+    }
+
     /// Waits up to `timeout` for every page to be in place; true if it is.
     pub fn wait(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.sh.complete_ns.load(Ordering::SeqCst) != 0 {
-                return true;
+            if let Some(done) = (self.state)() {
+                return done;
             }
-            if Instant::now() >= deadline || self.sh.stop.load(Ordering::SeqCst) {
+            if Instant::now() >= deadline {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -367,7 +378,16 @@ impl LazyRestore {
     /// A handle other threads can keep to wait for the memory to be complete
     /// (a snapshot must not start before: unpopulated pages are not yet zero).
     pub fn completion(&self) -> LazyCompletion {
-        LazyCompletion { sh: self.sh.clone() }
+        let sh = self.sh.clone();
+        LazyCompletion::from_fn(Arc::new(move || {
+            if sh.complete_ns.load(Ordering::SeqCst) != 0 {
+                Some(true)
+            } else if sh.stop.load(Ordering::SeqCst) {
+                Some(false)
+            } else {
+                None
+            }
+        }))
     }
 
     /// Figures so far.

@@ -12,6 +12,7 @@ pub mod control;
 pub mod lazy;
 pub mod migration;
 pub mod plot;
+pub mod postcopy;
 pub mod precopy;
 pub mod regs;
 pub mod restore;

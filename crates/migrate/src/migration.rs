@@ -23,12 +23,13 @@ use std::time::{Duration, Instant};
 use ferry_vmm::{CpuTemplate, GuestRam, Vm, VmState};
 use serde::{Deserialize, Serialize};
 
+use crate::postcopy::PostcopyIncoming;
 use crate::precopy::{precopy, PrecopyConfig, RoundStats, StopReason};
 use crate::sink::PageSink;
 use crate::transport::{self, Address, ClientSecurity, Listener, TlsConfig, TransportReader, TransportWriter};
 use crate::wire::{
-    check_ram_range, encode_pages, Accept, CpuFeatureWord, FrameKey, FrameReader, FrameWriter, Hello, Kind, Message,
-    Ready, Reason, WireCodec, WireError, MAX_RUN_PAGES, PAGE, PROTOCOL_VERSION,
+    check_ram_range, encode_pages, Accept, CpuFeatureWord, FrameKey, FrameReader, FrameWriter, Hello, Join, Kind,
+    Message, Ready, Reason, WireCodec, WireError, MAX_RUN_PAGES, PAGE, PROTOCOL_VERSION,
 };
 
 /// Default time a peer may stay silent (or a write may block) before the
@@ -39,11 +40,19 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Capabilities this build understands.
-pub const CAPABILITIES: &[&str] = &[CAP_DIGEST];
+pub const CAPABILITIES: &[&str] = &[CAP_DIGEST, CAP_POSTCOPY];
 
 /// The destination hashes the received memory and returns the digest in
 /// `Ready`; the source refuses to commit if it differs from its own.
 pub const CAP_DIGEST: &str = "memory-digest";
+
+/// The switch-over hands the guest over before all of its memory: the
+/// destination fetches the rest on a second stream (the fault stream).
+pub const CAP_POSTCOPY: &str = "postcopy";
+
+/// Default pre-copy rounds of a hybrid migration before it switches to
+/// post-copy: enough to move the bulk of memory while the guest runs.
+pub const DEFAULT_HYBRID_ROUNDS: u32 = 5;
 
 /// How memory moves.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +146,12 @@ pub enum MigrationState {
     Active,
     /// Stop-and-copy and commit.
     Device,
+    /// Committed; the guest runs at the destination, which fetches the
+    /// pages it still lacks.
+    PostcopyActive,
+    /// The link was lost during post-copy: the guest is paused at both
+    /// ends (the source keeps all of its memory) until a resume.
+    PostcopyPaused,
     /// The guest runs at the destination.
     Completed,
     /// It failed; the guest runs at the source.
@@ -186,6 +201,36 @@ pub struct MigrationStats {
     pub destination_digest: Option<String>,
     /// Auto-converge: each step and what it cost the guest (None with no_throttle).
     pub throttle: Option<crate::precopy::ThrottleStats>,
+    /// How memory moved.
+    #[serde(default)]
+    pub mode: MigrationMode,
+    /// Post-copy figures, in postcopy and hybrid modes.
+    #[serde(default)]
+    pub postcopy: Option<PostcopySourceStats>,
+}
+
+/// The post-copy phase as the source saw it, with the destination's own
+/// figures (faults, time vCPUs were blocked) from its `Complete`.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+pub struct PostcopySourceStats {
+    /// Pages whose contents the destination had to fetch after the switch-over.
+    pub deferred_pages: u64,
+    /// Of the deferred pages, those sent by the background push.
+    pub pages_pushed: u64,
+    /// Page requests answered on the fault stream.
+    pub requests_served: u64,
+    /// Pages sent in answer to requests.
+    pub pages_served: u64,
+    /// Destination resume to its `Complete`.
+    pub postcopy_ms: f64,
+    /// Background push rate over the post-copy phase (MB/s of page data).
+    pub push_mb_per_s: f64,
+    /// Times the link was lost and the post-copy resumed.
+    pub resumes: u32,
+    /// Bytes sent on the fault stream (answers to page requests).
+    pub fault_stream_bytes: u64,
+    /// The destination's figures.
+    pub destination: Option<crate::wire::PostcopyFigures>,
 }
 
 /// One round, with its dirty rate.
@@ -238,9 +283,18 @@ pub enum MigrationError {
     /// A configuration the destination cannot run faithfully.
     #[error("{0}")]
     Mismatch(String),
+    /// The link was lost during post-copy, after the commit: the guest is
+    /// the destination's but some of its memory is only here.
+    #[error("post-copy lost its link after the commit ({0}); the guest is paused at both ends and this side keeps all of its memory: finish it with `ferry migrate --resume` (PUT /vm/migration/resume)")]
+    PostcopyPaused(String),
 }
 
 impl MigrationError {
+    /// True when a post-copy lost its link and waits for a resume.
+    pub fn is_postcopy_paused(&self) -> bool {
+        matches!(self, MigrationError::PostcopyPaused(_))
+    }
+
     /// True when the user cancelled it.
     pub fn is_cancelled(&self) -> bool {
         matches!(self, MigrationError::Engine(crate::Error::Cancelled))
@@ -376,61 +430,132 @@ fn wire_io(e: std::io::Error) -> crate::Error {
     crate::Error::Wire(WireError::Io(e))
 }
 
+/// How the source reaches the destination: address, security, peer name.
+#[derive(Clone)]
+struct Route {
+    addr: Address,
+    security: ClientSecurity,
+    peer_name: String,
+    peer_timeout: Duration,
+}
+
+impl Route {
+    fn of(req: &MigrateRequest) -> Result<Route, MigrationError> {
+        let addr: Address = req.to.parse()?;
+        let tls = match (&req.tls_cert, &req.tls_key, &req.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                Some(TlsConfig { cert: cert.clone(), key: key.clone(), ca: ca.clone() })
+            }
+            (None, None, None) => None,
+            _ => return Err(MigrationError::Invalid("TLS needs all of tls_cert, tls_key and tls_ca".into())),
+        };
+        let security = match (tls, req.insecure, &addr) {
+            (Some(_), true, _) => return Err(MigrationError::Invalid("insecure and TLS files are exclusive".into())),
+            (Some(c), false, _) => ClientSecurity::Tls(c),
+            (None, true, _) | (None, false, Address::Unix(_)) => ClientSecurity::Insecure,
+            (None, false, Address::Tcp { .. }) => {
+                return Err(MigrationError::Invalid(
+                    "TCP migration needs TLS (tls_cert, tls_key, tls_ca) or an explicit insecure".into(),
+                ))
+            }
+        };
+        let peer_timeout =
+            Duration::from_millis(req.peer_timeout_ms.unwrap_or(DEFAULT_PEER_TIMEOUT.as_millis() as u64));
+        let peer_name = req.peer_name.clone().or_else(|| addr.host().map(str::to_string)).unwrap_or_default();
+        Ok(Route { addr, security, peer_name, peer_timeout })
+    }
+
+    /// Connects and authenticates one stream.
+    fn open(
+        &self,
+    ) -> Result<(FrameReader<TransportReader>, FrameWriter<TransportWriter>, transport::TransportKind), MigrationError>
+    {
+        let conn = transport::connect(&self.addr, &self.security, &self.peer_name, CONNECT_TIMEOUT)?;
+        let kind = conn.kind();
+        conn.set_timeouts(Some(self.peer_timeout), Some(self.peer_timeout))?;
+        let (r, w) = conn.split();
+        Ok((FrameReader::new(r), FrameWriter::new(w), kind))
+    }
+
+    /// Opens the post-copy fault stream of migration `id` and keys it with
+    /// the destination's fresh nonce for it.
+    fn join(&self, id: &str, vm_id: &str) -> Result<Stream, MigrationError> {
+        let (mut r, mut w, _) = self.open()?;
+        w.send(&Message::Join(Join { migration_id: id.to_string(), vm_id: vm_id.to_string(), stream: 1 }))
+            .map_err(WireError::Io)?;
+        w.flush().map_err(WireError::Io)?;
+        let accept = match r.recv()? {
+            Message::Accept(a) => a,
+            Message::Refuse(why) => return Err(MigrationError::Refused(why.reason)),
+            other => return Err(MigrationError::Wire(unexpected(0, "Accept of the fault stream", &other))),
+        };
+        let key = FrameKey::session(id, &accept.nonce, vm_id);
+        w.rekey(key.clone());
+        r.rekey(key);
+        Ok((r, w))
+    }
+}
+
+/// Pages as one bitmap per RAM region.
+type PageSet = Vec<Vec<u64>>;
+
+/// Both halves of one keyed stream.
+type Stream = (FrameReader<TransportReader>, FrameWriter<TransportWriter>);
+
+/// What a source keeps of a post-copy whose link was lost, to resume it.
+#[derive(Clone)]
+pub struct PostcopyResume {
+    /// The migration.
+    pub migration_id: String,
+    /// The original request (address, TLS files, codec).
+    pub request: MigrateRequest,
+    /// Statistics up to the loss.
+    pub stats: MigrationStats,
+}
+
 /// Source side of a migration, with the VM held by the caller for the
 /// whole call. On `Ok` the guest belongs to the destination (paused here,
 /// never to be resumed by this process); on `Err` the guest's state here is
-/// as the engine left it and the caller resumes it.
+/// as the engine left it and the caller resumes it, except for
+/// [`MigrationError::PostcopyPaused`]: then the guest is the destination's
+/// and this side keeps it paused for [`resume_postcopy`], with `resume`
+/// filled in.
 pub fn migrate_out(
     vm: &Arc<Vm>,
     vm_id: &str,
     req: &MigrateRequest,
     progress: &ProgressHandle,
+    resume: &mut Option<PostcopyResume>,
 ) -> Result<MigrationStats, MigrationError> {
     let t0 = Instant::now();
-    if req.mode != MigrationMode::Precopy {
-        return Err(MigrationError::Invalid(format!(
-            "mode {:?} is not supported by this build yet; use precopy",
-            req.mode
-        )));
-    }
+    let postcopy = req.mode != MigrationMode::Precopy;
     if req.streams.unwrap_or(1) != 1 {
         return Err(MigrationError::Invalid("only one stream is supported by this build yet (--streams 1)".into()));
     }
-    let addr: Address = req.to.parse()?;
-    let tls = match (&req.tls_cert, &req.tls_key, &req.tls_ca) {
-        (Some(cert), Some(key), Some(ca)) => Some(TlsConfig { cert: cert.clone(), key: key.clone(), ca: ca.clone() }),
-        (None, None, None) => None,
-        _ => return Err(MigrationError::Invalid("TLS needs all of tls_cert, tls_key and tls_ca".into())),
-    };
-    let security = match (tls, req.insecure, &addr) {
-        (Some(_), true, _) => return Err(MigrationError::Invalid("insecure and TLS files are exclusive".into())),
-        (Some(c), false, _) => ClientSecurity::Tls(c),
-        (None, true, _) | (None, false, Address::Unix(_)) => ClientSecurity::Insecure,
-        (None, false, Address::Tcp { .. }) => {
-            return Err(MigrationError::Invalid(
-                "TCP migration needs TLS (tls_cert, tls_key, tls_ca) or an explicit insecure".into(),
-            ))
-        }
-    };
-    let peer_timeout = Duration::from_millis(req.peer_timeout_ms.unwrap_or(DEFAULT_PEER_TIMEOUT.as_millis() as u64));
-    let downtime = Duration::from_millis(req.downtime_ms.unwrap_or(crate::snapshot::DEFAULT_DOWNTIME_MS));
-    let peer_name = req.peer_name.clone().or_else(|| addr.host().map(str::to_string)).unwrap_or_default();
+    if postcopy && req.verify_digest {
+        return Err(MigrationError::Invalid(
+            "verify_digest needs all memory at the destination before it resumes, which post-copy and hybrid do not wait for; use precopy".into(),
+        ));
+    }
+    let route = Route::of(req)?;
     let set = |st: MigrationState| progress.lock().unwrap().state = Some(st);
     set(MigrationState::Setup);
 
-    let conn = transport::connect(&addr, &security, &peer_name, CONNECT_TIMEOUT)?;
-    let kind = conn.kind();
-    conn.set_timeouts(Some(peer_timeout), Some(peer_timeout))?;
-    let (r, w) = conn.split();
-    let mut w = FrameWriter::new(w);
-    let mut r = FrameReader::new(r);
+    let (mut r, mut w, kind) = route.open()?;
     let status = vm.status();
     let migration_id = random_hex();
+    let mut capabilities = Vec::new();
+    if req.verify_digest {
+        capabilities.push(CAP_DIGEST.to_string());
+    }
+    if postcopy {
+        capabilities.push(CAP_POSTCOPY.to_string());
+    }
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         migration_id: migration_id.clone(),
         vm_id: vm_id.to_string(),
-        capabilities: if req.verify_digest { vec![CAP_DIGEST.into()] } else { vec![] },
+        capabilities,
         mem_bytes: status.mem_bytes,
         ram_ranges: status.ram_ranges.clone(),
         vcpus: status.vcpus,
@@ -456,27 +581,40 @@ pub fn migrate_out(
     let key = FrameKey::session(&migration_id, &accept.nonce, vm_id);
     w.rekey(key.clone());
     r.rekey(key);
+    // The fault stream is opened before any memory moves, so that a
+    // destination that cannot take it refuses while the guest is still here.
+    let mut fault = if postcopy { Some(route.join(&migration_id, vm_id)?) } else { None };
     let setup_ms = ms(t0.elapsed());
     set(MigrationState::Active);
 
     // Memory: the same engine as a live snapshot, into the socket, ending paused.
     let cfg = PrecopyConfig {
-        live: true,
-        max_rounds: req.max_rounds.unwrap_or(DEFAULT_MIGRATION_ROUNDS),
-        downtime_target: downtime,
+        live: req.mode != MigrationMode::Postcopy,
+        max_rounds: req.max_rounds.unwrap_or(if postcopy { DEFAULT_HYBRID_ROUNDS } else { DEFAULT_MIGRATION_ROUNDS }),
+        downtime_target: Duration::from_millis(req.downtime_ms.unwrap_or(crate::snapshot::DEFAULT_DOWNTIME_MS)),
         digest: req.verify_digest,
         incremental: false,
         copy_on_write: false,
         end_paused: true,
-        throttle: (!req.no_throttle).then(crate::precopy::ThrottlePolicy::default),
-        require_convergence: true,
+        // Post-copy is the answer to a guest that outruns the link: no throttle.
+        throttle: (!req.no_throttle && !postcopy).then(crate::precopy::ThrottlePolicy::default),
+        require_convergence: !postcopy,
+        defer_final: postcopy,
     };
-    let result = (|| -> Result<(MigrationStats, Instant), MigrationError> {
+    let downtime = cfg.downtime_target;
+    let ranges: Vec<(u64, u64)> = vm.ram().regions().iter().map(|r| (r.gpa, r.len)).collect();
+    let result = (|| -> Result<(MigrationStats, Instant, Option<PageSet>), MigrationError> {
         let mut sink = WireSink { w: &mut w, r: &mut r, rounds: 0, codec: req.compress, buf: Vec::new(), progress };
-        let (state, pre) = precopy(vm, &mut sink, &cfg).map_err(|e| explain(e, &mut r))?;
+        let (state, mut pre) = precopy(vm, &mut sink, &cfg).map_err(|e| explain(e, &mut r))?;
         // From here the guest is paused: the downtime runs.
         let pause_started = Instant::now() - Duration::from_secs_f64(pre.pause_ms / 1e3);
         set(MigrationState::Device);
+        let deferred = pre.deferred.take();
+        if let Some(set) = &deferred {
+            for m in crate::postcopy::needed_frames(&ranges, set) {
+                w.send(&m).map_err(|e| explain(wire_io(e), &mut r))?;
+            }
+        }
         let state_json = serde_json::to_vec(&state).map_err(|e| MigrationError::Invalid(e.to_string()))?;
         w.write_raw(Kind::State, &state_json).map_err(|e| explain(wire_io(e), &mut r))?;
         w.flush().map_err(|e| explain(wire_io(e), &mut r))?;
@@ -503,9 +641,9 @@ pub fn migrate_out(
         }
         w.send(&Message::Go).map_err(WireError::Io)?;
         w.flush().map_err(WireError::Io)?;
-        Ok((finish_stats(&pre, &migration_id, &req.to, kind, setup_ms, downtime, ready), pause_started))
+        Ok((finish_stats(&pre, &migration_id, &req.to, kind, setup_ms, downtime, ready), pause_started, deferred))
     })();
-    let (mut stats, pause_started) = match result {
+    let (mut stats, pause_started, deferred) = match result {
         Ok(s) => s,
         Err(e) => {
             if !matches!(e, MigrationError::PeerAborted(_)) {
@@ -515,9 +653,12 @@ pub fn migrate_out(
             return Err(e);
         }
     };
+    stats.mode = req.mode;
     // Committed. Wait for the destination's word that the guest runs there;
     // whatever happens, the guest is not resumed here.
-    match r.recv() {
+    let running = r.recv();
+    stats.downtime_ms = ms(pause_started.elapsed());
+    match running {
         Ok(Message::Running) => {}
         Ok(other) => {
             eprintln!("ferry: migration committed; the destination answered {:?} instead of Running", other.kind())
@@ -526,12 +667,183 @@ pub fn migrate_out(
             eprintln!("ferry: migration committed; no Running from the destination ({e}); the guest stays paused here")
         }
     }
-    stats.downtime_ms = ms(pause_started.elapsed());
+    if let (Some(deferred), Some(f)) = (deferred, fault.take()) {
+        set(MigrationState::PostcopyActive);
+        let mut pc = PostcopySourceStats { deferred_pages: count_bits(&deferred), ..Default::default() };
+        let (sent, received) = (w.bytes, r.bytes);
+        let outcome = postcopy_out(vm, &deferred, req.compress, (r, w), f, progress, &mut pc);
+        stats.bytes_sent = progress.lock().unwrap().bytes_sent.max(sent) + pc.fault_stream_bytes;
+        stats.bytes_received = received;
+        stats.postcopy = Some(pc);
+        stats.total_ms = ms(t0.elapsed());
+        if let Err(why) = outcome {
+            set(MigrationState::PostcopyPaused);
+            stats.state = MigrationState::PostcopyPaused;
+            *resume = Some(PostcopyResume { migration_id: migration_id.clone(), request: req.clone(), stats });
+            return Err(MigrationError::PostcopyPaused(why));
+        }
+        stats.state = MigrationState::Completed;
+        return Ok(stats);
+    }
     stats.total_ms = ms(t0.elapsed());
     stats.bytes_sent = w.bytes;
     stats.bytes_received = r.bytes;
     stats.state = MigrationState::Completed;
     Ok(stats)
+}
+
+fn count_bits(set: &[Vec<u64>]) -> u64 {
+    set.iter().flatten().map(|w| w.count_ones() as u64).sum()
+}
+
+/// The source's post-copy: answers page requests on the fault stream while
+/// pushing `set` on the main stream, then waits for `Complete`. An `Err`
+/// says why the link was lost; the guest stays paused here with its memory.
+fn postcopy_out(
+    vm: &Arc<Vm>,
+    set: &[Vec<u64>],
+    codec: WireCodec,
+    main: Stream,
+    fault: Stream,
+    progress: &ProgressHandle,
+    pc: &mut PostcopySourceStats,
+) -> Result<(), String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (mut r, mut w) = main;
+    let (mut fr, mut fw) = fault;
+    let t = Instant::now();
+    let served = Arc::new((AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)));
+    let ram = vm.ram().clone();
+    let s = served.clone();
+    let server = std::thread::Builder::new()
+        .name("postcopy-serve".into())
+        .spawn(move || {
+            let mut buf = Vec::new();
+            while let Ok(Message::PageRequest { gpa, npages }) = fr.recv() {
+                if crate::postcopy::send_window(&ram, gpa, npages, codec, &mut fw, &mut buf).is_err() {
+                    break;
+                }
+                s.0.fetch_add(1, Ordering::Relaxed);
+                s.1.fetch_add(npages as u64, Ordering::Relaxed);
+                s.2.store(fw.bytes, Ordering::Relaxed);
+            }
+            let _ = fw.get_mut().shutdown();
+        })
+        .map_err(|e| format!("starting the page server: {e}"))?;
+    let regions = vm.ram().regions().to_vec();
+    let outcome = (|| -> Result<(), String> {
+        let mut sink = PushSink { w: &mut w, codec, buf: Vec::new(), progress };
+        let (data, zero) = crate::precopy::send(&regions, set, &mut sink).map_err(|e| e.to_string())?;
+        pc.pages_pushed = data + zero;
+        w.send(&Message::PushDone { pages: data + zero }).map_err(|e| WireError::Io(e).to_string())?;
+        w.flush().map_err(|e| WireError::Io(e).to_string())?;
+        match r.recv() {
+            Ok(Message::Complete(f)) => {
+                pc.destination = Some(f);
+                Ok(())
+            }
+            Ok(Message::Abort(why)) => Err(format!("the destination aborted: {}", why.reason)),
+            Ok(other) => Err(unexpected(0, "Complete", &other).to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })();
+    let _ = w.get_mut().shutdown();
+    // The destination closes the fault stream after Complete; do not wait long for it otherwise.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !server.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if server.is_finished() {
+        let _ = server.join();
+    }
+    pc.requests_served += served.0.load(Ordering::Relaxed);
+    pc.pages_served += served.1.load(Ordering::Relaxed);
+    pc.fault_stream_bytes += served.2.load(Ordering::Relaxed);
+    pc.postcopy_ms += ms(t.elapsed());
+    pc.push_mb_per_s = if pc.postcopy_ms > 0.0 { (pc.pages_pushed * PAGE) as f64 / pc.postcopy_ms / 1e3 } else { 0.0 };
+    {
+        let mut p = progress.lock().unwrap();
+        p.bytes_sent = w.bytes;
+    }
+    outcome
+}
+
+/// The background push's sink: page runs and zero runs, no round syncs.
+struct PushSink<'a> {
+    w: &'a mut FrameWriter<TransportWriter>,
+    codec: WireCodec,
+    buf: Vec<u8>,
+    progress: &'a ProgressHandle,
+}
+
+impl PageSink for PushSink<'_> {
+    fn pages(&mut self, gpa: u64, data: &[u8]) -> crate::Result<()> {
+        let step = (MAX_RUN_PAGES as u64 * PAGE) as usize;
+        for (i, c) in data.chunks(step).enumerate() {
+            encode_pages(gpa + (i * step) as u64, c, self.codec, &mut self.buf);
+            self.w.write_raw(Kind::Pages, &self.buf).map_err(wire_io)?;
+        }
+        let mut p = self.progress.lock().unwrap();
+        p.bytes_sent = self.w.bytes;
+        p.pages_sent += data.len() as u64 / PAGE;
+        Ok(())
+    }
+
+    fn zero(&mut self, gpa: u64, npages: u64) -> crate::Result<()> {
+        self.w.send(&Message::Zero { gpa, npages }).map_err(wire_io)
+    }
+}
+
+/// Finishes a post-copy whose link was lost: reconnects, learns which pages
+/// the destination still lacks, and pushes them (answering page requests
+/// meanwhile). The guest stays paused here either way.
+pub fn resume_postcopy(
+    vm: &Arc<Vm>,
+    vm_id: &str,
+    ctx: &mut PostcopyResume,
+    progress: &ProgressHandle,
+) -> Result<MigrationStats, MigrationError> {
+    let t0 = Instant::now();
+    let route = Route::of(&ctx.request)?;
+    progress.lock().unwrap().state = Some(MigrationState::PostcopyActive);
+    let id = ctx.migration_id.clone();
+    let (mut r, mut w, _) = route.open()?;
+    w.send(&Message::Resume(crate::wire::Resume { migration_id: id.clone(), vm_id: vm_id.to_string() }))
+        .map_err(WireError::Io)?;
+    w.flush().map_err(WireError::Io)?;
+    let accept = match r.recv()? {
+        Message::Accept(a) => a,
+        Message::Refuse(why) => return Err(MigrationError::Refused(why.reason)),
+        other => return Err(MigrationError::Wire(unexpected(0, "Accept of the resume", &other))),
+    };
+    let key = FrameKey::session(&id, &accept.nonce, vm_id);
+    w.rekey(key.clone());
+    r.rekey(key);
+    let ranges: Vec<(u64, u64)> = vm.ram().regions().iter().map(|r| (r.gpa, r.len)).collect();
+    let mut missing = crate::postcopy::empty_set(&ranges);
+    loop {
+        match r.recv()? {
+            Message::Needed { gpa, npages, bitmap } => {
+                crate::postcopy::merge_needed(&ranges, &mut missing, gpa, npages, &bitmap)
+                    .map_err(|what| MigrationError::Wire(WireError::BadPayload { seq: 0, kind: Kind::Needed, what }))?;
+            }
+            Message::PushDone { .. } => break,
+            Message::Abort(why) => return Err(MigrationError::PeerAborted(why.reason)),
+            other => return Err(MigrationError::Wire(unexpected(0, "Needed or PushDone", &other))),
+        }
+    }
+    let fault = route.join(&id, vm_id)?;
+    let mut pc = ctx.stats.postcopy.clone().unwrap_or_default();
+    pc.resumes += 1;
+    let outcome = postcopy_out(vm, &missing, ctx.request.compress, (r, w), fault, progress, &mut pc);
+    ctx.stats.postcopy = Some(pc);
+    ctx.stats.total_ms += ms(t0.elapsed());
+    if let Err(why) = outcome {
+        progress.lock().unwrap().state = Some(MigrationState::PostcopyPaused);
+        return Err(MigrationError::PostcopyPaused(why));
+    }
+    ctx.stats.state = MigrationState::Completed;
+    Ok(ctx.stats.clone())
 }
 
 fn unexpected(seq: u64, wanted: &str, got: &Message) -> WireError {
@@ -606,6 +918,8 @@ fn finish_stats(
         memory_digest: pre.memory_digest.clone(),
         destination_digest: ready.memory_digest,
         throttle: pre.throttle.clone(),
+        mode: MigrationMode::Precopy,
+        postcopy: None,
     }
 }
 
@@ -631,6 +945,20 @@ pub struct Received {
     pub vm_id: String,
     /// Figures of the incoming side.
     pub stats: IncomingStats,
+    /// Post-copy in progress: the pages still arriving, and what a resume needs.
+    pub postcopy: Option<IncomingPostcopy>,
+}
+
+/// A post-copy still fetching pages at the destination.
+pub struct IncomingPostcopy {
+    /// The fault handler and receivers.
+    pub pages: Arc<PostcopyIncoming>,
+    /// The migration, for a resume.
+    pub migration_id: String,
+    /// The VM, for a resume.
+    pub vm_id: String,
+    /// How long the source may stall.
+    pub peer_timeout: Duration,
 }
 
 /// Figures of the destination side.
@@ -706,6 +1034,7 @@ fn check_hello(h: &Hello) -> Result<CpuTemplate, String> {
 pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, MigrationError> {
     let (conn, peer) = listener.accept(opts.accept_timeout)?;
     let t0 = Instant::now();
+    let accept_timeout = opts.accept_timeout;
     conn.set_timeouts(Some(opts.peer_timeout), Some(opts.peer_timeout))?;
     let (r, w) = conn.split();
     let mut w = FrameWriter::new(w);
@@ -720,6 +1049,11 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         Ok(t) => t,
         Err(why) => return Err(refuse(&mut w, why)),
     };
+    if hello.capabilities.iter().any(|c| c == CAP_POSTCOPY) {
+        if let Err(e) = ferry_vmm::uffd::Uffd::new(0) {
+            return Err(refuse(&mut w, format!("post-copy needs userfaultfd on this host, which failed: {e}")));
+        }
+    }
     let nonce = random_hex();
     w.send(&Message::Accept(Accept {
         protocol_version: PROTOCOL_VERSION,
@@ -732,6 +1066,15 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     w.rekey(key.clone());
     r.rekey(key);
     stats.migration_id = hello.migration_id.clone();
+    let postcopy = hello.capabilities.iter().any(|c| c == CAP_POSTCOPY);
+    let mut fault: Option<Stream> = None;
+    if postcopy {
+        match accept_join(listener, accept_timeout, opts.peer_timeout, &hello.migration_id, &hello.vm_id) {
+            Ok(f) => fault = Some(f),
+            Err(e) => return Err(refuse(&mut w, format!("the post-copy fault stream did not join: {e}"))),
+        }
+    }
+    let mut pages_in: Option<Arc<PostcopyIncoming>> = None;
 
     let result = (|| -> Result<Received, MigrationError> {
         // Everything that does not need the state is built now, outside the downtime.
@@ -748,8 +1091,20 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         .map_err(crate::Error::Vm)?;
         let ram = prepared.ram().clone();
         let ranges: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.gpa, r.len)).collect();
+        let mut needed = postcopy.then(|| crate::postcopy::empty_set(&ranges));
         let state_bytes = loop {
             match r.recv()? {
+                Message::Needed { gpa, npages, bitmap } => {
+                    let Some(set) = needed.as_mut() else {
+                        return Err(MigrationError::Wire(WireError::BadFrame {
+                            seq: stats.page_frames,
+                            what: "a post-copy page bitmap in a pre-copy migration".into(),
+                        }));
+                    };
+                    crate::postcopy::merge_needed(&ranges, set, gpa, npages, &bitmap).map_err(|what| {
+                        MigrationError::Wire(WireError::BadPayload { seq: stats.page_frames, kind: Kind::Needed, what })
+                    })?;
+                }
                 Message::Pages { gpa, data } => {
                     if check_ram_range(&ranges, gpa, data.len() as u64).is_none() {
                         return Err(MigrationError::Wire(WireError::BadFrame {
@@ -795,6 +1150,12 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
                 hello.vcpus
             )));
         }
+        if let Some(set) = &needed {
+            // Stale pages are dropped and guest RAM is handed to userfaultfd
+            // before any vCPU can run.
+            let pc = PostcopyIncoming::prepare(&ram, set).map_err(MigrationError::Mismatch)?;
+            pages_in = Some(Arc::new(pc));
+        }
         let vm = Arc::new(prepared.apply(&state).map_err(crate::Error::Vm)?);
         let digest = hello.capabilities.iter().any(|c| c == CAP_DIGEST).then(|| ram.digest().to_hex().to_string());
         w.send(&Message::Ready(Ready { memory_digest: digest })).map_err(WireError::Io)?;
@@ -828,7 +1189,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         stats.switchover_ms = ms(t_state.elapsed());
         stats.total_ms = ms(t0.elapsed());
         stats.bytes_received = r.bytes;
-        Ok(Received { vm, vm_id: hello.vm_id.clone(), stats: stats.clone() })
+        Ok(Received { vm, vm_id: hello.vm_id.clone(), stats: stats.clone(), postcopy: None })
     })();
     if let Err(e) = &result {
         if !matches!(e, MigrationError::PeerAborted(_)) {
@@ -836,7 +1197,104 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
             let _ = w.flush();
         }
     }
-    result
+    let mut got = result?;
+    if let (Some(pc), Some((fr, fw))) = (pages_in, fault) {
+        pc.start(r, w, fr, fw, opts.peer_timeout).map_err(|e| MigrationError::Engine(crate::Error::Mismatch(e)))?;
+        got.postcopy = Some(IncomingPostcopy {
+            pages: pc,
+            migration_id: hello.migration_id.clone(),
+            vm_id: hello.vm_id.clone(),
+            peer_timeout: opts.peer_timeout,
+        });
+    }
+    Ok(got)
+}
+
+/// Accepts the fault stream of migration `id`: its `Join` must name this
+/// migration and VM; it is keyed with a nonce of its own.
+fn accept_join(
+    listener: &Listener,
+    accept_timeout: Duration,
+    peer_timeout: Duration,
+    id: &str,
+    vm_id: &str,
+) -> Result<Stream, MigrationError> {
+    let (conn, _) = listener.accept(accept_timeout.min(CONNECT_TIMEOUT * 3))?;
+    conn.set_timeouts(Some(peer_timeout), Some(peer_timeout))?;
+    let (r, w) = conn.split();
+    let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+    match r.recv()? {
+        Message::Join(j) if j.migration_id == id && j.vm_id == vm_id && j.stream == 1 => {}
+        Message::Join(_) => return Err(refuse(&mut w, "the stream joins another migration".into())),
+        other => return Err(refuse(&mut w, unexpected(0, "Join", &other).to_string())),
+    }
+    let nonce = random_hex();
+    w.send(&Message::Accept(Accept { protocol_version: PROTOCOL_VERSION, capabilities: vec![], nonce: nonce.clone() }))
+        .map_err(WireError::Io)?;
+    w.flush().map_err(WireError::Io)?;
+    let key = FrameKey::session(id, &nonce, vm_id);
+    w.rekey(key.clone());
+    r.rekey(key);
+    Ok((r, w))
+}
+
+/// Destination side of a paused post-copy: waits on `listener` for the
+/// source to reconnect with `Resume`, tells it which pages are still
+/// missing, and restarts the receivers. Returns when every page is in
+/// place, or post-copy failed for good, or `stop` is set.
+pub fn serve_postcopy_resumes(listener: &Listener, pc: &IncomingPostcopy, stop: &std::sync::atomic::AtomicBool) {
+    use crate::postcopy::PostcopyPhase;
+    use std::sync::atomic::Ordering;
+    while !stop.load(Ordering::SeqCst) {
+        match pc.pages.phase() {
+            PostcopyPhase::Completed | PostcopyPhase::Failed => return,
+            PostcopyPhase::Active | PostcopyPhase::Paused => {}
+        }
+        let (conn, peer) = match listener.accept(Duration::from_millis(500)) {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        match resume_incoming(listener, conn, pc) {
+            Ok(()) => eprintln!("ferry: post-copy resumed by {}", peer.addr),
+            Err(e) => eprintln!("ferry: a post-copy resume from {} failed: {e}", peer.addr),
+        }
+    }
+}
+
+fn resume_incoming(
+    listener: &Listener,
+    conn: transport::Transport,
+    pc: &IncomingPostcopy,
+) -> Result<(), MigrationError> {
+    conn.set_timeouts(Some(pc.peer_timeout), Some(pc.peer_timeout))?;
+    let (r, w) = conn.split();
+    let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+    match r.recv()? {
+        Message::Resume(x) if x.migration_id == pc.migration_id && x.vm_id == pc.vm_id => {}
+        Message::Resume(_) => return Err(refuse(&mut w, "no paused post-copy of that migration and VM here".into())),
+        other => return Err(refuse(&mut w, unexpected(0, "Resume", &other).to_string())),
+    }
+    let nonce = random_hex();
+    w.send(&Message::Accept(Accept { protocol_version: PROTOCOL_VERSION, capabilities: vec![], nonce: nonce.clone() }))
+        .map_err(WireError::Io)?;
+    w.flush().map_err(WireError::Io)?;
+    let key = FrameKey::session(&pc.migration_id, &nonce, &pc.vm_id);
+    w.rekey(key.clone());
+    r.rekey(key);
+    // The old link's receivers are finished or will fail harmlessly.
+    pc.pages.supersede_link();
+    pc.pages.reap_receivers();
+    pc.pages.forget_unfilled_claims();
+    let missing = pc.pages.missing();
+    let ranges: Vec<(u64, u64)> = pc.pages.ranges();
+    let n = count_bits(&missing);
+    for m in crate::postcopy::needed_frames(&ranges, &missing) {
+        w.send(&m).map_err(WireError::Io)?;
+    }
+    w.send(&Message::PushDone { pages: n }).map_err(WireError::Io)?;
+    w.flush().map_err(WireError::Io)?;
+    let (fr, fw) = accept_join(listener, CONNECT_TIMEOUT, pc.peer_timeout, &pc.migration_id, &pc.vm_id)?;
+    pc.pages.start(r, w, fr, fw, pc.peer_timeout).map_err(|e| MigrationError::Engine(crate::Error::Mismatch(e)))
 }
 
 /// Zeroes guest RAM in a checked range.

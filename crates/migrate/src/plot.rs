@@ -633,7 +633,7 @@ fn shorten(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::{MigrationState, RoundFigures};
+    use crate::migration::{MigrationMode, MigrationState, RoundFigures};
     use crate::precopy::StopReason;
 
     /// Rounds as `finish_stats` makes them: the dirty rate of a round is
@@ -675,6 +675,8 @@ mod tests {
             memory_digest: Some("ab".into()),
             destination_digest: Some("ab".into()),
             throttle: None,
+            mode: MigrationMode::Precopy,
+            postcopy: None,
         }
     }
 

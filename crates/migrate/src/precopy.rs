@@ -59,6 +59,12 @@ pub struct PrecopyConfig {
     /// longer than asked. A migration wants this; a snapshot has
     /// copy-on-write for that case instead.
     pub require_convergence: bool,
+    /// Post-copy: do not send the final dirty set at all; return it in
+    /// [`PrecopyStats::deferred`] so the destination fetches those pages
+    /// after it resumes the guest. With `live` false nothing is sent before
+    /// the pause (pure post-copy: every populated page is deferred).
+    /// Implies `end_paused`.
+    pub defer_final: bool,
 }
 
 /// How auto-converge throttles the vCPUs.
@@ -173,6 +179,7 @@ impl Default for PrecopyConfig {
             end_paused: false,
             throttle: None,
             require_convergence: false,
+            defer_final: false,
         }
     }
 }
@@ -237,6 +244,10 @@ pub struct PrecopyStats {
     pub cow_fallback: Option<String>,
     /// Auto-converge, when it was allowed.
     pub throttle: Option<ThrottleStats>,
+    /// Post-copy: the pages not sent (one bitmap per RAM region), whose
+    /// contents the destination must fetch.
+    #[serde(skip)]
+    pub deferred: Option<Vec<Vec<u64>>>,
 }
 
 /// The copy-on-write final phase's figures.
@@ -293,7 +304,7 @@ fn is_zero(page: &[u8]) -> bool {
 }
 
 /// Sends the pages marked in `bms`, coalescing runs; returns (data pages, zero pages).
-fn send(regions: &[RamRegion], bms: &[Bitmap], sink: &mut dyn PageSink) -> Result<(u64, u64)> {
+pub(crate) fn send(regions: &[RamRegion], bms: &[Bitmap], sink: &mut dyn PageSink) -> Result<(u64, u64)> {
     let (mut data_pages, mut zero_pages) = (0u64, 0u64);
     for (region, bm) in regions.iter().zip(bms) {
         let mem = region.as_slice();
@@ -577,10 +588,17 @@ pub fn precopy(
             stats.unpopulated_pages_skipped = total - count(&bms);
             bms
         };
-        let r1 = round(&regions, &first, sink, !live)?;
-        let mut rate_pages_per_ms = (r1.pages as f64 / r1.ms.max(0.001)).max(1.0);
+        let mut deferred_first = None;
+        let mut rate_pages_per_ms = 1.0;
+        if !live && cfg.defer_final {
+            // Pure post-copy: nothing moves before the pause.
+            deferred_first = Some(first);
+        } else {
+            let r1 = round(&regions, &first, sink, !live)?;
+            rate_pages_per_ms = (r1.pages as f64 / r1.ms.max(0.001)).max(1.0);
+            stats.rounds.push(r1);
+        }
         let budget_pages = |rate: f64| (rate * ms(cfg.downtime_target) * FINAL_COPY_SHARE) as u64;
-        stats.rounds.push(r1);
         stats.stop_reason = StopReason::Paused;
         if live {
             let mut prev = u64::MAX;
@@ -656,7 +674,10 @@ pub fn precopy(
         } else {
             // Stop-the-world: anything written between reading the log and pausing.
             let rest = vm.take_dirty_log()?;
-            if count(&rest) > 0 {
+            if let Some(first) = deferred_first.take() {
+                final_set =
+                    Some(first.iter().zip(&rest).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect()).collect());
+            } else if count(&rest) > 0 {
                 stats.rounds.push(round(&regions, &rest, sink, true)?);
             }
         }
@@ -669,6 +690,11 @@ pub fn precopy(
         let state = vm.save_state()?;
         stats.state_ms = ms(t_state.elapsed());
         match final_set {
+            Some(set) if cfg.defer_final => {
+                // Post-copy: the guest stays paused; the set goes to the caller.
+                stats.deferred = Some(set);
+                stats.pause_ms = pause_start.map(|p| ms(p.elapsed())).unwrap_or(0.0);
+            }
             // Copy-on-write only pays when the last dirty set would not fit the
             // pause budget: it costs the guest write faults and the protect calls.
             Some(set) if cfg.copy_on_write && !cfg.end_paused && count(&set) > budget_pages(rate_pages_per_ms) => {

@@ -384,6 +384,7 @@ pub fn take_snapshot(
         end_paused: false,
         throttle: None,
         require_convergence: false,
+        defer_final: false,
     };
     // From here on the dirty log is consumed: the lineage holds only if this succeeds.
     *lineage = None;

@@ -59,6 +59,23 @@ pub enum Kind {
     Running = 10,
     /// Either way: giving up, with the reason.
     Abort = 11,
+    /// Post-copy: a bitmap of pages the destination must not trust (source
+    /// → destination before `State`), or still lacks (destination → source
+    /// when a paused post-copy resumes).
+    Needed = 12,
+    /// Post-copy, destination → source on the fault stream: a guest vCPU
+    /// waits for these pages.
+    PageRequest = 13,
+    /// The first frame of an extra stream of a running migration.
+    Join = 14,
+    /// Post-copy, source → destination: every needed page has been pushed;
+    /// or destination → source: the end of the `Needed` list on resume.
+    PushDone = 15,
+    /// Post-copy, destination → source: every page is in place; the
+    /// source's copy of memory is no longer needed.
+    Complete = 16,
+    /// The first frame of a connection that resumes a paused post-copy.
+    Resume = 17,
 }
 
 impl Kind {
@@ -75,6 +92,12 @@ impl Kind {
             9 => Kind::Go,
             10 => Kind::Running,
             11 => Kind::Abort,
+            12 => Kind::Needed,
+            13 => Kind::PageRequest,
+            14 => Kind::Join,
+            15 => Kind::PushDone,
+            16 => Kind::Complete,
+            17 => Kind::Resume,
             _ => return None,
         })
     }
@@ -223,6 +246,60 @@ pub struct Ready {
     pub memory_digest: Option<String>,
 }
 
+/// Most pages one `Needed` frame describes (16 GiB; a 512 KiB bitmap).
+pub const MAX_NEEDED_PAGES: u64 = 1 << 22;
+
+/// Joins an extra stream (the post-copy fault stream) to a migration.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Join {
+    /// The migration this stream belongs to.
+    pub migration_id: String,
+    /// The VM being moved.
+    pub vm_id: String,
+    /// Stream number (1 is the post-copy fault stream).
+    pub stream: u32,
+}
+
+/// Resumes a post-copy whose link was lost.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Resume {
+    /// The migration to resume.
+    pub migration_id: String,
+    /// The VM being moved.
+    pub vm_id: String,
+}
+
+/// The destination's figures of a finished post-copy, sent in `Complete`
+/// so that the source's statistics show what the guest went through.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PostcopyFigures {
+    /// Fault events on pages not yet there.
+    pub faults: u64,
+    /// Page requests sent to the source on the fault stream.
+    pub requests: u64,
+    /// Pages that arrived because a vCPU asked for them.
+    pub pages_requested: u64,
+    /// Pages that arrived through the background push.
+    pub pages_pushed: u64,
+    /// Time vCPUs spent waiting for remote pages, summed over faults.
+    pub blocked_ms_total: f64,
+    /// Median wait of one remote fault.
+    pub blocked_ms_median: f64,
+    /// 99th percentile wait of one remote fault.
+    pub blocked_ms_p99: f64,
+    /// Longest wait.
+    pub blocked_ms_max: f64,
+    /// Resume at the destination to the last page in place.
+    pub postcopy_ms: f64,
+    /// Background push rate (MB/s of pages placed by the push).
+    pub push_mb_per_s: f64,
+    /// Times the link was lost and the post-copy resumed.
+    pub resumes: u32,
+}
+
 /// A decoded message.
 #[derive(Debug, PartialEq)]
 pub enum Message {
@@ -263,6 +340,33 @@ pub enum Message {
     Running,
     /// Giving up.
     Abort(Reason),
+    /// Pages `gpa + i*4096` for each set bit `i` of `bitmap` (LSB first).
+    Needed {
+        /// Guest-physical address of bit 0, page-aligned.
+        gpa: u64,
+        /// Pages the bitmap covers.
+        npages: u64,
+        /// `ceil(npages / 8)` bytes.
+        bitmap: Vec<u8>,
+    },
+    /// A vCPU waits for `npages` pages from `gpa`.
+    PageRequest {
+        /// Guest-physical address, page-aligned.
+        gpa: u64,
+        /// Number of pages.
+        npages: u32,
+    },
+    /// See [`Join`].
+    Join(Join),
+    /// All needed pages pushed (or all remaining ones listed); `pages` of them.
+    PushDone {
+        /// Pages pushed or listed.
+        pages: u64,
+    },
+    /// See [`PostcopyFigures`].
+    Complete(PostcopyFigures),
+    /// See [`Resume`].
+    Resume(Resume),
 }
 
 impl Message {
@@ -280,6 +384,12 @@ impl Message {
             Message::Go => Kind::Go,
             Message::Running => Kind::Running,
             Message::Abort(_) => Kind::Abort,
+            Message::Needed { .. } => Kind::Needed,
+            Message::PageRequest { .. } => Kind::PageRequest,
+            Message::Join(_) => Kind::Join,
+            Message::PushDone { .. } => Kind::PushDone,
+            Message::Complete(_) => Kind::Complete,
+            Message::Resume(_) => Kind::Resume,
         }
     }
 
@@ -296,6 +406,46 @@ impl Message {
             Kind::Refuse => Message::Refuse(json(p).map_err(bad)?),
             Kind::Abort => Message::Abort(json(p).map_err(bad)?),
             Kind::Ready => Message::Ready(json(p).map_err(bad)?),
+            Kind::Join => Message::Join(json(p).map_err(bad)?),
+            Kind::Complete => Message::Complete(json(p).map_err(bad)?),
+            Kind::Resume => Message::Resume(json(p).map_err(bad)?),
+            Kind::Needed => {
+                if p.len() < 16 {
+                    return Err(bad(format!("{} bytes, shorter than the 16-byte bitmap header", p.len())));
+                }
+                let (gpa, npages) = (u64_at(0), u64_at(8));
+                if gpa % PAGE != 0 {
+                    return Err(bad(format!("address {gpa:#x} is not page-aligned")));
+                }
+                if npages == 0 || npages > MAX_NEEDED_PAGES {
+                    return Err(bad(format!("bitmap of {npages} pages is outside 1..={MAX_NEEDED_PAGES}")));
+                }
+                let want = npages.div_ceil(8) as usize;
+                if p.len() - 16 != want {
+                    return Err(bad(format!("{} bitmap bytes for {npages} pages (want {want})", p.len() - 16)));
+                }
+                Message::Needed { gpa, npages, bitmap: p[16..].to_vec() }
+            }
+            Kind::PageRequest => {
+                if p.len() != 12 {
+                    return Err(bad(format!("{} bytes; a page request is 12", p.len())));
+                }
+                let gpa = u64_at(0);
+                let npages = u32::from_le_bytes(p[8..12].try_into().expect("4 bytes"));
+                if gpa % PAGE != 0 {
+                    return Err(bad(format!("address {gpa:#x} is not page-aligned")));
+                }
+                if npages == 0 || npages > MAX_RUN_PAGES {
+                    return Err(bad(format!("page count {npages} is outside 1..={MAX_RUN_PAGES}")));
+                }
+                Message::PageRequest { gpa, npages }
+            }
+            Kind::PushDone => {
+                if p.len() != 8 {
+                    return Err(bad(format!("{} bytes; a push end is 8", p.len())));
+                }
+                Message::PushDone { pages: u64_at(0) }
+            }
             Kind::Pages => {
                 if p.len() < 16 {
                     return Err(bad(format!("{} bytes, shorter than the 16-byte run header", p.len())));
@@ -415,6 +565,19 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
         }
         Message::State(s) => out.extend_from_slice(s),
         Message::Go | Message::Running => {}
+        Message::Join(x) => j(out, x),
+        Message::Complete(x) => j(out, x),
+        Message::Resume(x) => j(out, x),
+        Message::Needed { gpa, npages, bitmap } => {
+            out.extend_from_slice(&gpa.to_le_bytes());
+            out.extend_from_slice(&npages.to_le_bytes());
+            out.extend_from_slice(bitmap);
+        }
+        Message::PageRequest { gpa, npages } => {
+            out.extend_from_slice(&gpa.to_le_bytes());
+            out.extend_from_slice(&npages.to_le_bytes());
+        }
+        Message::PushDone { pages } => out.extend_from_slice(&pages.to_le_bytes()),
     }
 }
 
@@ -630,6 +793,12 @@ mod tests {
             Message::Go,
             Message::Running,
             Message::Abort(Reason { reason: "x".into() }),
+            Message::Needed { gpa: 0x10_0000, npages: 12, bitmap: vec![0b1010_0001, 0b1000] },
+            Message::PageRequest { gpa: 0x2000, npages: 16 },
+            Message::Join(Join { migration_id: "ab".into(), vm_id: "vm".into(), stream: 1 }),
+            Message::PushDone { pages: 9 },
+            Message::Complete(PostcopyFigures { faults: 3, ..Default::default() }),
+            Message::Resume(Resume { migration_id: "ab".into(), vm_id: "vm".into() }),
         ]
     }
 
@@ -745,7 +914,7 @@ mod tests {
             // Payload decoders directly, without tags, on random bytes.
             let len = (next() % 64) as usize;
             let p: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            for k in 1..=11u16 {
+            for k in 1..=17u16 {
                 let _ = Message::decode(0, Kind::from_u16(k).unwrap(), &p);
             }
         }

@@ -115,6 +115,19 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Drops the pages of a guest-physical range (`MADV_DONTNEED`): the next
+    /// access finds them missing, which is how a post-copy destination makes
+    /// stale pages fault so that their current contents are fetched.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<(), Error> {
+        let p = self.host_range(gpa, len).ok_or(Error::GuestAddress { gpa, len })?;
+        // SAFETY: a checked, page-aligned range of our own anonymous mapping.
+        let rc = unsafe { libc::madvise(p as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(Error::GuestAddress { gpa, len });
+        }
+        Ok(())
+    }
+
     /// BLAKE3 digest of all guest RAM, region by region (start and length
     /// included), so two VMs with the same layout and contents agree.
     /// Call it with the guest paused; it uses all host cores.

@@ -1,0 +1,247 @@
+//! End to end: post-copy and hybrid migration between two ferry processes
+//! (unix sockets, loopback TCP, mutual TLS), and a post-copy whose link is
+//! cut mid-way and then resumed.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+fn receiver(listen: &str, extra: &[&str]) -> (Guest, PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("dst.sock");
+    let listen = listen.replace("DIR", dir.path().to_str().unwrap());
+    let mut args = vec!["--listen", listen.as_str(), "--api-sock", sock.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut g = Guest::start_receive(dir, &args);
+    let line = g.wait_stderr("waiting for a migration on ", secs(30));
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    wait_sock(&sock);
+    (g, sock, addr)
+}
+
+fn migrate(sock: &Path, to: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["migrate", "--api-sock", sock.to_str().unwrap(), "--to", to, "--json"];
+    args.extend_from_slice(extra);
+    ferry_cmd(&args)
+}
+
+fn certs(dir: &Path, names: &[&str]) {
+    let o = ferry_cmd(&["certs", "init", "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for n in names {
+        let o = ferry_cmd(&["certs", "issue", "--dir", dir.to_str().unwrap(), "--name", n]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+fn tls_args(dir: &Path, name: &str) -> Vec<String> {
+    ["cert", "key"]
+        .iter()
+        .flat_map(|k| {
+            [
+                format!("--tls-{k}"),
+                dir.join(format!("{name}.{}", if *k == "cert" { "pem" } else { "key" })).to_str().unwrap().into(),
+            ]
+        })
+        .chain(["--tls-ca".into(), dir.join("ca.pem").to_str().unwrap().into()])
+        .collect()
+}
+
+fn http_get(sock: &Path, path: &str) -> serde_json::Value {
+    let r = raw_http(sock, format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    serde_json::from_str(r.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("null")).unwrap_or_default()
+}
+
+fn seqs(lines: &[String]) -> Vec<u64> {
+    lines.iter().filter(|l| l.starts_with("PROGRESS")).filter_map(|l| field(l, "seq")).collect()
+}
+
+/// The guest carries on at the destination: its progress continues with no
+/// gap and no repeat, no reboot, and `verify` passes over every page.
+fn check_destination(src: &mut Guest, dst: &mut Guest, dsock: &Path, vcpus: &str) {
+    assert_eq!(src.wait_exit(secs(60)).code(), Some(0));
+    let p = dst.wait_line("PROGRESS", secs(60));
+    let last_src = *seqs(&src.seen).last().expect("source printed progress");
+    let first_dst = field(&p, "seq").unwrap();
+    assert!(
+        first_dst == last_src + 1 || first_dst == last_src + 2,
+        "sequence continues: source ended at {last_src}, destination began at {first_dst}"
+    );
+    assert!(!dst.seen.iter().any(|l| l.starts_with("FERRY-GUEST boot")), "no reboot: {:?}", dst.seen);
+    dst.send_line("verify");
+    let ok = dst.wait_line("VERIFY", secs(60));
+    assert!(ok.starts_with("VERIFY OK"), "{ok}");
+    let st = api("status", dsock);
+    assert_eq!(st["state"], "running");
+    assert_eq!(st["vcpus"].as_u64().unwrap().to_string(), vcpus);
+    let o = ferry_cmd(&["shutdown", "--api-sock", dsock.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert_eq!(dst.wait_exit(secs(30)).code(), Some(0));
+}
+
+fn postcopy_and_check(
+    mode: &str,
+    vcpus: &str,
+    workload: &str,
+    listen: &str,
+    dst_extra: &[String],
+    src_extra: &[String],
+) {
+    let (mut src, ssock) = running_guest_with(workload, "128M", &["--vcpus", vcpus]);
+    let dst_extra: Vec<&str> = dst_extra.iter().map(|s| s.as_str()).collect();
+    let (mut dst, dsock, addr) = receiver(listen, &dst_extra);
+    src.wait_line("PROGRESS", secs(30));
+    let mut extra: Vec<&str> = vec!["--mode", mode];
+    extra.extend(src_extra.iter().map(|s| s.as_str()));
+    let o = migrate(&ssock, &addr, &extra);
+    assert!(o.status.success(), "migrate failed: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "completed", "{v}");
+    assert_eq!(v["mode"], mode, "{v}");
+    let pc = &v["postcopy"];
+    let deferred = pc["deferred_pages"].as_u64().unwrap();
+    assert!(deferred > 0, "post-copy moved pages after the switch-over: {v}");
+    let d = &pc["destination"];
+    assert!(d.is_object(), "the destination reported its figures: {v}");
+    // Every deferred page reached the destination, pushed or asked for.
+    assert!(
+        d["pages_pushed"].as_u64().unwrap() + d["pages_requested"].as_u64().unwrap() >= deferred,
+        "all deferred pages arrived: {v}"
+    );
+    if mode == "hybrid" {
+        assert!(!v["rounds"].as_array().unwrap().is_empty(), "hybrid ran pre-copy rounds first: {v}");
+    } else {
+        assert!(v["rounds"].as_array().unwrap().is_empty(), "pure post-copy sends nothing before the switch: {v}");
+    }
+    eprintln!(
+        "{mode}: downtime {} ms, deferred {deferred}, faults {}, blocked median {} ms p99 {} ms, push {} MB/s",
+        v["downtime_ms"], d["faults"], d["blocked_ms_median"], d["blocked_ms_p99"], pc["push_mb_per_s"]
+    );
+    check_destination(&mut src, &mut dst, &dsock, vcpus);
+}
+
+#[test]
+fn postcopy_over_a_unix_socket_with_one_vcpu() {
+    postcopy_and_check("postcopy", "1", "dirty wss=8 rate=max report=50", "unix://DIR/mig.sock", &[], &[]);
+}
+
+#[test]
+fn postcopy_over_insecure_tcp_with_two_vcpus_and_random_pages() {
+    postcopy_and_check(
+        "postcopy",
+        "2",
+        "dirty wss=8 rate=max report=50 fill=random mem=48",
+        "tcp://127.0.0.1:0",
+        &["--insecure".into()],
+        &["--insecure".into(), "--compress".into(), "none".into()],
+    );
+}
+
+#[test]
+fn hybrid_over_mutual_tls_with_two_vcpus() {
+    let ca = tempfile::tempdir().unwrap();
+    certs(ca.path(), &["src", "127.0.0.1"]);
+    let mut dst = tls_args(ca.path(), "127.0.0.1");
+    dst.extend(["--allow-peer".into(), "src".into()]);
+    postcopy_and_check(
+        "hybrid",
+        "2",
+        "dirty wss=16 rate=max report=50",
+        "tcp://127.0.0.1:0",
+        &dst,
+        &tls_args(ca.path(), "src"),
+    );
+}
+
+#[test]
+fn postcopy_refuses_a_digest_check() {
+    let (_src, ssock) = running_guest("idle", "64M");
+    let o = migrate(&ssock, "unix:///nonexistent/x.sock", &["--mode", "postcopy", "--verify-digest"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("verify_digest") && e.contains("precopy"), "{e}");
+    assert_eq!(api("status", &ssock)["state"], "running");
+}
+
+/// A unix relay that accepts any number of connections; once `cut_after`
+/// bytes have gone from the source to the destination over all of them,
+/// it closes every connection it has, and relays later ones untouched.
+fn cutting_relay(listen: PathBuf, to: String, cut_after: usize) -> Arc<AtomicBool> {
+    let l = UnixListener::bind(&listen).unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let live: Arc<Mutex<Vec<UnixStream>>> = Arc::new(Mutex::new(Vec::new()));
+    let c = cut.clone();
+    std::thread::spawn(move || {
+        for _ in 0..16 {
+            let Ok((a, _)) = l.accept() else { return };
+            let b = UnixStream::connect(to.trim_start_matches("unix://")).unwrap();
+            let first_generation = !c.load(Ordering::SeqCst);
+            if first_generation {
+                live.lock().unwrap().extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
+            }
+            let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut b2, &mut a2);
+                let _ = a2.shutdown(std::net::Shutdown::Both);
+            });
+            let (c, sent, live) = (c.clone(), sent.clone(), live.clone());
+            let (mut a, mut b) = (a, b);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = a.read(&mut buf) {
+                    if n == 0 || b.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    if first_generation
+                        && sent.fetch_add(n, Ordering::SeqCst) + n >= cut_after
+                        && !c.swap(true, Ordering::SeqCst)
+                    {
+                        for s in live.lock().unwrap().iter() {
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                        }
+                    }
+                }
+                let _ = b.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    cut
+}
+
+#[test]
+fn a_postcopy_whose_link_is_cut_pauses_on_both_sides_and_resume_finishes_it() {
+    // ~160 MiB of incompressible pages, all deferred: the cut at 24 MiB lands in the push.
+    let (mut src, ssock) = running_guest_with("dirty wss=8 rate=max report=50 fill=random mem=160", "256M", &[]);
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &[]);
+    src.wait_line("PROGRESS", secs(60));
+    let relay_dir = tempfile::tempdir().unwrap();
+    let relay_path = relay_dir.path().join("relay.sock");
+    let cut = cutting_relay(relay_path.clone(), addr, 24 << 20);
+    let to = format!("unix://{}", relay_path.display());
+    let o = migrate(&ssock, &to, &["--mode", "postcopy", "--compress", "none", "--peer-timeout-ms", "5000"]);
+    assert!(cut.load(Ordering::SeqCst), "the relay cut the link");
+    assert!(!o.status.success(), "the first attempt cannot finish: {}", String::from_utf8_lossy(&o.stdout));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("post-copy lost its link") && e.contains("--resume"), "{e}");
+    // Both sides say so; the source keeps the guest paused, not running, not gone.
+    let m = http_get(&ssock, "/vm/migration");
+    assert_eq!(m["state"], "postcopy-paused", "{m}");
+    assert_eq!(api("status", &ssock)["state"], "paused");
+    dst.wait_stderr("post-copy link lost", secs(30));
+    // Nothing else may touch the guest at the source meanwhile.
+    let o = ferry_cmd(&["resume", "--api-sock", ssock.to_str().unwrap()]);
+    assert!(!o.status.success(), "the source must not resume a guest it gave away");
+    // Resume over a new connection finishes it.
+    let o = ferry_cmd(&["migrate", "--api-sock", ssock.to_str().unwrap(), "--resume", "--json"]);
+    assert!(o.status.success(), "resume failed: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "completed", "{v}");
+    assert_eq!(v["postcopy"]["resumes"], 1, "{v}");
+    assert_eq!(v["postcopy"]["destination"]["resumes"], 1, "{v}");
+    check_destination(&mut src, &mut dst, &dsock, "1");
+}
