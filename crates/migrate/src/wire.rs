@@ -601,7 +601,7 @@ impl<R: Read> FrameReader<R> {
 /// RAM offset in a migration stream).
 pub fn check_ram_range(ranges: &[(u64, u64)], gpa: u64, len: u64) -> Option<(usize, u64)> {
     let end = gpa.checked_add(len)?;
-    ranges.iter().enumerate().find_map(|(i, &(s, l))| (gpa >= s && end <= s + l).then_some((i, gpa - s)))
+    ranges.iter().enumerate().find_map(|(i, &(s, l))| (gpa >= s && end <= s.saturating_add(l)).then(|| (i, gpa - s)))
 }
 
 #[cfg(test)]
