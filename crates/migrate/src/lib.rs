@@ -13,6 +13,7 @@ pub mod lazy;
 pub mod migration;
 pub mod plot;
 pub mod precopy;
+pub mod ratelimit;
 pub mod regs;
 pub mod restore;
 pub mod sink;
