@@ -208,9 +208,15 @@ struct MigrateArgs {
     /// Most pre-copy rounds.
     #[arg(long)]
     max_rounds: Option<u32>,
-    /// Page compression on the wire: lz4 or none.
+    /// Page compression on the wire: lz4, zstd (fewer bytes, more CPU; the
+    /// destination must know it) or none.
     #[arg(long, default_value = "lz4")]
     compress: ferry_migrate::wire::WireCodec,
+    /// Cap on the sending rate, frames included: bytes/s with K, M, G
+    /// (1024-based: 100M = 100 MiB/s) or bits/s with kbit, mbit, gbit
+    /// (1000-based: 1gbit = 125,000,000 bytes/s). Default: no cap.
+    #[arg(long, value_name = "RATE")]
+    max_bandwidth: Option<ferry_migrate::ratelimit::Bandwidth>,
     /// Parallel streams (1 in this build).
     #[arg(long)]
     streams: Option<u32>,
@@ -430,6 +436,7 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
                 downtime_ms: a.downtime_ms,
                 max_rounds: a.max_rounds,
                 compress: a.compress,
+                max_bandwidth: a.max_bandwidth,
                 streams: a.streams,
                 keep_paused: a.keep_paused,
                 insecure: a.tls.insecure,
@@ -526,7 +533,21 @@ fn print_migration(v: &serde_json::Value) {
         "  pages            {} with data, {} zero, {} never touched (not sent)",
         v["pages_normal"], v["pages_zero"], v["pages_skipped_unpopulated"]
     );
-    println!("  bytes on wire    {} ({:.0} MB/s in live rounds)", v["bytes_sent"], f("throughput_mb_per_s"));
+    println!(
+        "  bytes on wire    {} ({:.0} MB/s of pages in live rounds, codec {})",
+        v["bytes_sent"],
+        f("throughput_mb_per_s"),
+        v["compress"].as_str().unwrap_or("")
+    );
+    if let Some(cap) = v["max_bandwidth"].as_u64() {
+        let r1 = v["rounds"][0]["wire_bytes_per_s"].as_f64().unwrap_or(0.0);
+        println!(
+            "  bandwidth cap    {:.1} MiB/s; round 1 ran at {:.1} MiB/s on the wire; {:.0} ms waited on the cap",
+            cap as f64 / 1048576.0,
+            r1 / 1048576.0,
+            f("bandwidth_wait_ms")
+        );
+    }
     if let Some(t) = v["throttle"].as_object() {
         let steps: Vec<String> = t["steps"]
             .as_array()

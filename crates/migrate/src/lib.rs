@@ -14,6 +14,7 @@ pub mod migration;
 pub mod plot;
 pub mod postcopy;
 pub mod precopy;
+pub mod ratelimit;
 pub mod regs;
 pub mod restore;
 pub mod sink;

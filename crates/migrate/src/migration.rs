@@ -25,11 +25,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::postcopy::PostcopyIncoming;
 use crate::precopy::{precopy, PrecopyConfig, RoundStats, StopReason};
+use crate::ratelimit::{Bandwidth, TokenBucket};
 use crate::sink::PageSink;
 use crate::transport::{self, Address, ClientSecurity, Listener, TlsConfig, TransportReader, TransportWriter};
 use crate::wire::{
     check_ram_range, encode_pages, Accept, CpuFeatureWord, FrameKey, FrameReader, FrameWriter, Hello, Join, Kind,
-    Message, Ready, Reason, WireCodec, WireError, MAX_RUN_PAGES, PAGE, PROTOCOL_VERSION,
+    Message, Ready, Reason, WireCodec, WireError, CAP_ZSTD, HEADER_LEN, MAX_RUN_PAGES, PAGE, PROTOCOL_VERSION, TAG_LEN,
 };
 
 /// Default time a peer may stay silent (or a write may block) before the
@@ -40,7 +41,7 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Capabilities this build understands.
-pub const CAPABILITIES: &[&str] = &[CAP_DIGEST, CAP_POSTCOPY];
+pub const CAPABILITIES: &[&str] = &[CAP_DIGEST, CAP_POSTCOPY, CAP_ZSTD];
 
 /// The destination hashes the received memory and returns the digest in
 /// `Ready`; the source refuses to commit if it differs from its own.
@@ -79,7 +80,7 @@ macro_rules! from_str_via_serde {
     };
 }
 from_str_via_serde!(MigrationMode, "mode", "precopy, postcopy or hybrid");
-from_str_via_serde!(WireCodec, "compression", "lz4 or none");
+from_str_via_serde!(WireCodec, "compression", "lz4, zstd or none");
 
 /// Body of `PUT /vm/migrate` and what `ferry migrate` sends.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -99,6 +100,10 @@ pub struct MigrateRequest {
     /// Page compression on the wire.
     #[serde(default)]
     pub compress: WireCodec,
+    /// Cap on the source's sending rate, frames included (bytes/s, or a
+    /// `RATE` string such as `"100M"` or `"1gbit"`); None: as fast as the link.
+    #[serde(default)]
+    pub max_bandwidth: Option<Bandwidth>,
     /// Parallel streams (only 1 in this version).
     #[serde(default)]
     pub streams: Option<u32>,
@@ -201,6 +206,15 @@ pub struct MigrationStats {
     pub destination_digest: Option<String>,
     /// Auto-converge: each step and what it cost the guest (None with no_throttle).
     pub throttle: Option<crate::precopy::ThrottleStats>,
+    /// The page codec asked for.
+    #[serde(default)]
+    pub compress: WireCodec,
+    /// The cap the sender paced itself to, bytes/s (None: uncapped).
+    #[serde(default)]
+    pub max_bandwidth: Option<Bandwidth>,
+    /// Time the sender waited on the cap, ms.
+    #[serde(default)]
+    pub bandwidth_wait_ms: f64,
     /// How memory moved.
     #[serde(default)]
     pub mode: MigrationMode,
@@ -249,6 +263,12 @@ pub struct RoundFigures {
     /// Pages the guest dirtied per second while this round ran (the next
     /// round's size over this round's time).
     pub dirty_pages_per_s: Option<f64>,
+    /// Bytes this round put on the wire, frame headers and tags included.
+    #[serde(default)]
+    pub wire_bytes: u64,
+    /// Measured wire rate of the round (bytes/s): what `max_bandwidth` caps.
+    #[serde(default)]
+    pub wire_bytes_per_s: f64,
 }
 
 /// Why a migration failed.
@@ -384,6 +404,24 @@ struct WireSink<'a> {
     codec: WireCodec,
     buf: Vec<u8>,
     progress: &'a ProgressHandle,
+    /// Paces every frame to `max_bandwidth`.
+    pace: Option<TokenBucket>,
+    /// `w.bytes` after each live round's `RoundEnd`, for the per-round wire figures.
+    marks: Vec<u64>,
+}
+
+impl WireSink<'_> {
+    /// Waits until a frame of `payload` bytes fits the cap (headers and tag counted).
+    fn pace(&mut self, payload: usize) {
+        if let Some(b) = self.pace.as_mut() {
+            b.take((HEADER_LEN + payload + TAG_LEN) as u64);
+        }
+    }
+
+    /// Pages per `Pages` frame: fewer under a slow cap, so frames keep coming.
+    fn run_pages(&self) -> u32 {
+        self.pace.as_ref().map_or(MAX_RUN_PAGES, |b| b.pages_per_frame(MAX_RUN_PAGES))
+    }
 }
 
 impl PageSink for WireSink<'_> {
@@ -391,9 +429,10 @@ impl PageSink for WireSink<'_> {
         if self.progress.lock().unwrap().cancel_requested {
             return Err(crate::Error::Cancelled);
         }
-        let step = (MAX_RUN_PAGES as u64 * PAGE) as usize;
+        let step = (self.run_pages() as u64 * PAGE) as usize;
         for (i, c) in data.chunks(step).enumerate() {
             encode_pages(gpa + (i * step) as u64, c, self.codec, &mut self.buf);
+            self.pace(self.buf.len());
             self.w.write_raw(Kind::Pages, &self.buf).map_err(wire_io)?;
         }
         let mut p = self.progress.lock().unwrap();
@@ -403,6 +442,7 @@ impl PageSink for WireSink<'_> {
     }
 
     fn zero(&mut self, gpa: u64, npages: u64) -> crate::Result<()> {
+        self.pace(16);
         self.w.send(&Message::Zero { gpa, npages }).map_err(wire_io)
     }
 
@@ -412,9 +452,14 @@ impl PageSink for WireSink<'_> {
         }
         self.rounds += 1;
         let round = self.rounds;
+        self.pace(12);
         self.w.send(&Message::RoundEnd { round, pages }).map_err(wire_io)?;
         self.w.flush().map_err(wire_io)?;
+        self.marks.push(self.w.bytes);
         self.progress.lock().unwrap().round = round;
+        if let Some(b) = self.pace.as_mut() {
+            b.restart();
+        }
         match self.r.recv()? {
             Message::RoundEnd { round: r, .. } if r == round => Ok(()),
             Message::Abort(why) => Err(crate::Error::Wire(WireError::BadFrame {
@@ -544,18 +589,11 @@ pub fn migrate_out(
     let (mut r, mut w, kind) = route.open()?;
     let status = vm.status();
     let migration_id = random_hex();
-    let mut capabilities = Vec::new();
-    if req.verify_digest {
-        capabilities.push(CAP_DIGEST.to_string());
-    }
-    if postcopy {
-        capabilities.push(CAP_POSTCOPY.to_string());
-    }
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         migration_id: migration_id.clone(),
         vm_id: vm_id.to_string(),
-        capabilities,
+        capabilities: proposed_capabilities(req),
         mem_bytes: status.mem_bytes,
         ram_ranges: status.ram_ranges.clone(),
         vcpus: status.vcpus,
@@ -604,8 +642,21 @@ pub fn migrate_out(
     let downtime = cfg.downtime_target;
     let ranges: Vec<(u64, u64)> = vm.ram().regions().iter().map(|r| (r.gpa, r.len)).collect();
     let result = (|| -> Result<(MigrationStats, Instant, Option<PageSet>), MigrationError> {
-        let mut sink = WireSink { w: &mut w, r: &mut r, rounds: 0, codec: req.compress, buf: Vec::new(), progress };
-        let (state, mut pre) = precopy(vm, &mut sink, &cfg).map_err(|e| explain(e, &mut r))?;
+        let start_bytes = w.bytes;
+        let mut sink = WireSink {
+            w: &mut w,
+            r: &mut r,
+            rounds: 0,
+            codec: req.compress,
+            buf: Vec::new(),
+            progress,
+            pace: req.max_bandwidth.map(TokenBucket::new),
+            marks: Vec::new(),
+        };
+        let precopied = precopy(vm, &mut sink, &cfg);
+        let (marks, waited) = (std::mem::take(&mut sink.marks), sink.pace.as_ref().map(|b| b.waited));
+        let (state, mut pre) = precopied.map_err(|e| explain(e, &mut r))?;
+        let wire = WireFigures { start: start_bytes, marks, end: w.bytes, waited, req };
         // From here the guest is paused: the downtime runs.
         let pause_started = Instant::now() - Duration::from_secs_f64(pre.pause_ms / 1e3);
         set(MigrationState::Device);
@@ -641,7 +692,9 @@ pub fn migrate_out(
         }
         w.send(&Message::Go).map_err(WireError::Io)?;
         w.flush().map_err(WireError::Io)?;
-        Ok((finish_stats(&pre, &migration_id, &req.to, kind, setup_ms, downtime, ready), pause_started, deferred))
+        let mut stats = finish_stats(&pre, &migration_id, &req.to, kind, setup_ms, downtime, ready);
+        wire.apply(&mut stats);
+        Ok((stats, pause_started, deferred))
     })();
     let (mut stats, pause_started, deferred) = match result {
         Ok(s) => s,
@@ -671,7 +724,7 @@ pub fn migrate_out(
         set(MigrationState::PostcopyActive);
         let mut pc = PostcopySourceStats { deferred_pages: count_bits(&deferred), ..Default::default() };
         let (sent, received) = (w.bytes, r.bytes);
-        let outcome = postcopy_out(vm, &deferred, req.compress, (r, w), f, progress, &mut pc);
+        let outcome = postcopy_out(vm, &deferred, (req.compress, req.max_bandwidth), (r, w), f, progress, &mut pc);
         stats.bytes_sent = progress.lock().unwrap().bytes_sent.max(sent) + pc.fault_stream_bytes;
         stats.bytes_received = received;
         stats.postcopy = Some(pc);
@@ -702,7 +755,7 @@ fn count_bits(set: &[Vec<u64>]) -> u64 {
 fn postcopy_out(
     vm: &Arc<Vm>,
     set: &[Vec<u64>],
-    codec: WireCodec,
+    (codec, cap): (WireCodec, Option<Bandwidth>),
     main: Stream,
     fault: Stream,
     progress: &ProgressHandle,
@@ -732,7 +785,7 @@ fn postcopy_out(
         .map_err(|e| format!("starting the page server: {e}"))?;
     let regions = vm.ram().regions().to_vec();
     let outcome = (|| -> Result<(), String> {
-        let mut sink = PushSink { w: &mut w, codec, buf: Vec::new(), progress };
+        let mut sink = PushSink { w: &mut w, codec, buf: Vec::new(), progress, pace: cap.map(TokenBucket::new) };
         let (data, zero) = crate::precopy::send(&regions, set, &mut sink).map_err(|e| e.to_string())?;
         pc.pages_pushed = data + zero;
         w.send(&Message::PushDone { pages: data + zero }).map_err(|e| WireError::Io(e).to_string())?;
@@ -774,6 +827,8 @@ struct PushSink<'a> {
     codec: WireCodec,
     buf: Vec<u8>,
     progress: &'a ProgressHandle,
+    /// The push keeps to `max_bandwidth`; answers to page requests do not wait on it.
+    pace: Option<TokenBucket>,
 }
 
 impl PageSink for PushSink<'_> {
@@ -781,6 +836,9 @@ impl PageSink for PushSink<'_> {
         let step = (MAX_RUN_PAGES as u64 * PAGE) as usize;
         for (i, c) in data.chunks(step).enumerate() {
             encode_pages(gpa + (i * step) as u64, c, self.codec, &mut self.buf);
+            if let Some(b) = self.pace.as_mut() {
+                b.take((HEADER_LEN + self.buf.len() + TAG_LEN) as u64);
+            }
             self.w.write_raw(Kind::Pages, &self.buf).map_err(wire_io)?;
         }
         let mut p = self.progress.lock().unwrap();
@@ -790,6 +848,9 @@ impl PageSink for PushSink<'_> {
     }
 
     fn zero(&mut self, gpa: u64, npages: u64) -> crate::Result<()> {
+        if let Some(b) = self.pace.as_mut() {
+            b.take((HEADER_LEN + 16 + TAG_LEN) as u64);
+        }
         self.w.send(&Message::Zero { gpa, npages }).map_err(wire_io)
     }
 }
@@ -835,7 +896,8 @@ pub fn resume_postcopy(
     let fault = route.join(&id, vm_id)?;
     let mut pc = ctx.stats.postcopy.clone().unwrap_or_default();
     pc.resumes += 1;
-    let outcome = postcopy_out(vm, &missing, ctx.request.compress, (r, w), fault, progress, &mut pc);
+    let outcome =
+        postcopy_out(vm, &missing, (ctx.request.compress, ctx.request.max_bandwidth), (r, w), fault, progress, &mut pc);
     ctx.stats.postcopy = Some(pc);
     ctx.stats.total_ms += ms(t0.elapsed());
     if let Err(why) = outcome {
@@ -887,6 +949,8 @@ fn finish_stats(
             ms: r.ms,
             paused: r.paused,
             dirty_pages_per_s: pre.rounds.get(i + 1).filter(|_| r.ms > 0.0).map(|n| n.pages as f64 / (r.ms / 1e3)),
+            wire_bytes: 0,
+            wire_bytes_per_s: 0.0,
         })
         .collect();
     let live: Vec<&RoundStats> = pre.rounds.iter().filter(|r| !r.paused).collect();
@@ -920,6 +984,58 @@ fn finish_stats(
         throttle: pre.throttle.clone(),
         mode: MigrationMode::Precopy,
         postcopy: None,
+        compress: WireCodec::default(),
+        max_bandwidth: None,
+        bandwidth_wait_ms: 0.0,
+    }
+}
+
+/// The capabilities a request needs from the destination.
+fn proposed_capabilities(req: &MigrateRequest) -> Vec<String> {
+    let mut caps = Vec::new();
+    if req.verify_digest {
+        caps.push(CAP_DIGEST.to_string());
+    }
+    if req.compress == WireCodec::Zstd {
+        caps.push(CAP_ZSTD.to_string());
+    }
+    if req.mode != MigrationMode::Precopy {
+        caps.push(CAP_POSTCOPY.to_string());
+    }
+    caps
+}
+
+/// What the sender counted on the wire during the pre-copy, turned into
+/// per-round figures once the statistics exist.
+struct WireFigures<'a> {
+    /// `w.bytes` before the first page.
+    start: u64,
+    /// `w.bytes` after each live round's `RoundEnd`.
+    marks: Vec<u64>,
+    /// `w.bytes` after the final (paused) round, before the state.
+    end: u64,
+    /// Time waited on the cap.
+    waited: Option<Duration>,
+    req: &'a MigrateRequest,
+}
+
+impl WireFigures<'_> {
+    /// Fills each round's wire bytes and measured rate, and the cap and codec.
+    fn apply(&self, stats: &mut MigrationStats) {
+        let mut prev = self.start;
+        for (i, r) in stats.rounds.iter_mut().enumerate() {
+            let upto = match self.marks.get(i) {
+                Some(&m) => m,
+                None if i == self.marks.len() => self.end,
+                None => prev,
+            };
+            r.wire_bytes = upto.saturating_sub(prev);
+            r.wire_bytes_per_s = if r.ms > 0.0 { r.wire_bytes as f64 / (r.ms / 1e3) } else { 0.0 };
+            prev = upto;
+        }
+        stats.compress = self.req.compress;
+        stats.max_bandwidth = self.req.max_bandwidth;
+        stats.bandwidth_wait_ms = self.waited.map_or(0.0, ms);
     }
 }
 

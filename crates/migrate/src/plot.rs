@@ -649,6 +649,8 @@ mod tests {
                 ms,
                 paused,
                 dirty_pages_per_s: rounds.get(i + 1).filter(|_| ms > 0.0).map(|n| n.0 as f64 / (ms / 1e3)),
+                wire_bytes: 0,
+                wire_bytes_per_s: 0.0,
             })
             .collect()
     }
@@ -677,6 +679,9 @@ mod tests {
             throttle: None,
             mode: MigrationMode::Precopy,
             postcopy: None,
+            compress: crate::wire::WireCodec::Lz4,
+            max_bandwidth: None,
+            bandwidth_wait_ms: 0.0,
         }
     }
 

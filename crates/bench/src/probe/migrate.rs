@@ -45,7 +45,7 @@ pub struct MigrateBenchArgs {
     #[arg(long, default_value = "word,random", value_delimiter = ',')]
     pub(crate) fills: Vec<String>,
     /// TRANSPORT:CODEC pairs: transport unix, tcp (`--insecure`) or tls
-    /// (mutual TLS 1.3); codec lz4 or none. The first runs on every guest
+    /// (mutual TLS 1.3); codec lz4, zstd or none. The first runs on every guest
     /// (and is what the QEMU ratios use, with tcp:none beside it where it
     /// ran); all of them run on the guests of --compare-mems.
     #[arg(long, default_value = "tcp:lz4,tcp:none,unix:lz4,tls:lz4", value_delimiter = ',')]
@@ -107,6 +107,8 @@ impl MigrateBenchArgs {
 pub(crate) enum Codec {
     /// LZ4 block per page run (ferry's default).
     Lz4,
+    /// zstd frame per page run (level -1): fewer bytes for more CPU.
+    Zstd,
     /// Raw pages.
     None,
 }
@@ -116,6 +118,7 @@ impl Codec {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Codec::Lz4 => "lz4",
+            Codec::Zstd => "zstd",
             Codec::None => "none",
         }
     }
@@ -136,8 +139,9 @@ impl Config {
         let transport = Link::parse(t).map_err(anyhow::Error::msg)?;
         let compress = match c {
             "lz4" => Codec::Lz4,
+            "zstd" => Codec::Zstd,
             "none" => Codec::None,
-            _ => bail!("unknown codec {c:?} in --configs entry {s:?}: use lz4 or none"),
+            _ => bail!("unknown codec {c:?} in --configs entry {s:?}: use lz4, zstd or none"),
         };
         Ok(Config { transport, compress })
     }
