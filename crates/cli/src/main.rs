@@ -217,7 +217,7 @@ struct MigrateArgs {
     /// (1000-based: 1gbit = 125,000,000 bytes/s). Default: no cap.
     #[arg(long, value_name = "RATE")]
     max_bandwidth: Option<ferry_migrate::ratelimit::Bandwidth>,
-    /// Parallel streams (1 in this build).
+    /// Connections the pages are spread over, each authenticated (1..=16).
     #[arg(long)]
     streams: Option<u32>,
     /// Keep a paused copy here after the commit instead of ending.

@@ -194,7 +194,14 @@ fn migrates_over_mutual_tls_with_two_vcpus() {
     certs(ca.path(), &["src", "127.0.0.1"]);
     let mut dst = tls_args(ca.path(), "127.0.0.1");
     dst.extend(["--allow-peer".into(), "src".into()]);
-    migrate_and_check("2", "tcp://127.0.0.1:0", &dst, &tls_args(ca.path(), "src"));
+    let mut src = tls_args(ca.path(), "src");
+    src.extend(["--streams".into(), "3".into()]);
+    let v = migrate_and_check("2", "tcp://127.0.0.1:0", &dst, &src);
+    // Three authenticated connections carried the pages.
+    let per_stream: Vec<u64> = v["stream_bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).collect();
+    assert_eq!(per_stream.len(), 3, "{v}");
+    assert!(per_stream.iter().all(|&b| b > 4096), "every stream carried pages: {per_stream:?}");
+    assert_eq!(per_stream.iter().sum::<u64>(), v["bytes_sent"].as_u64().unwrap(), "{v}");
 }
 
 /// The source keeps its guest running and intact after a failed migration.
@@ -399,6 +406,7 @@ fn good_hello() -> Hello {
         cpu_features: vec![],
         kernel: "x".into(),
         cmdline: "".into(),
+        extra_streams: 0,
     }
 }
 

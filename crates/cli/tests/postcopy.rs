@@ -153,7 +153,7 @@ fn hybrid_over_mutual_tls_with_two_vcpus() {
         "dirty wss=16 rate=max report=50",
         "tcp://127.0.0.1:0",
         &dst,
-        &tls_args(ca.path(), "src"),
+        &[tls_args(ca.path(), "src"), vec!["--streams".into(), "2".into()]].concat(),
     );
 }
 

@@ -19,6 +19,7 @@ pub mod regs;
 pub mod restore;
 pub mod sink;
 pub mod snapshot;
+mod streams;
 pub mod transport;
 pub mod wire;
 

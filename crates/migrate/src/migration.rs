@@ -27,10 +27,12 @@ use crate::postcopy::PostcopyIncoming;
 use crate::precopy::{precopy, PrecopyConfig, RoundStats, StopReason};
 use crate::ratelimit::{Bandwidth, TokenBucket};
 use crate::sink::PageSink;
+use crate::streams::{StreamJob, StreamReceivers, StreamWorker};
 use crate::transport::{self, Address, ClientSecurity, Listener, TlsConfig, TransportReader, TransportWriter};
 use crate::wire::{
     check_ram_range, encode_pages, Accept, CpuFeatureWord, FrameKey, FrameReader, FrameWriter, Hello, Join, Kind,
-    Message, Ready, Reason, WireCodec, WireError, CAP_ZSTD, HEADER_LEN, MAX_RUN_PAGES, PAGE, PROTOCOL_VERSION, TAG_LEN,
+    Message, Ready, Reason, WireCodec, WireError, CAP_ZSTD, FINAL_ROUND, HEADER_LEN, MAX_RUN_PAGES, PAGE,
+    PROTOCOL_VERSION, TAG_LEN,
 };
 
 /// Default time a peer may stay silent (or a write may block) before the
@@ -104,7 +106,8 @@ pub struct MigrateRequest {
     /// `RATE` string such as `"100M"` or `"1gbit"`); None: as fast as the link.
     #[serde(default)]
     pub max_bandwidth: Option<Bandwidth>,
-    /// Parallel streams (only 1 in this version).
+    /// Connections the pages are spread over (default 1, at most
+    /// [`MAX_STREAMS`]); each is authenticated like the first.
     #[serde(default)]
     pub streams: Option<u32>,
     /// After the commit, keep a paused copy here instead of ending the VM.
@@ -136,6 +139,9 @@ pub struct MigrateRequest {
     #[serde(default)]
     pub no_throttle: bool,
 }
+
+/// Most page streams one migration may use.
+pub const MAX_STREAMS: u32 = 16;
 
 /// Default pre-copy rounds of a migration: auto-converge needs room to
 /// step from 20% to 99%.
@@ -221,6 +227,9 @@ pub struct MigrationStats {
     /// Post-copy figures, in postcopy and hybrid modes.
     #[serde(default)]
     pub postcopy: Option<PostcopySourceStats>,
+    /// Bytes sent on each page stream, the main one first (`--streams`).
+    #[serde(default)]
+    pub stream_bytes: Vec<u64>,
 }
 
 /// The post-copy phase as the source saw it, with the destination's own
@@ -408,6 +417,10 @@ struct WireSink<'a> {
     pace: Option<TokenBucket>,
     /// `w.bytes` after each live round's `RoundEnd`, for the per-round wire figures.
     marks: Vec<u64>,
+    /// The extra page streams (`--streams`), fed in turn with the main one.
+    workers: &'a [StreamWorker],
+    /// Whose turn it is: 0 the main stream, k the k-th worker.
+    next: usize,
 }
 
 impl WireSink<'_> {
@@ -431,7 +444,14 @@ impl PageSink for WireSink<'_> {
         }
         let step = (self.run_pages() as u64 * PAGE) as usize;
         for (i, c) in data.chunks(step).enumerate() {
-            encode_pages(gpa + (i * step) as u64, c, self.codec, &mut self.buf);
+            let at = gpa + (i * step) as u64;
+            let turn = self.next;
+            self.next = (self.next + 1) % (self.workers.len() + 1);
+            if turn > 0 {
+                self.workers[turn - 1].send(StreamJob::Pages { gpa: at, len: c.len() as u64 })?;
+                continue;
+            }
+            encode_pages(at, c, self.codec, &mut self.buf);
             self.pace(self.buf.len());
             self.w.write_raw(Kind::Pages, &self.buf).map_err(wire_io)?;
         }
@@ -442,6 +462,11 @@ impl PageSink for WireSink<'_> {
     }
 
     fn zero(&mut self, gpa: u64, npages: u64) -> crate::Result<()> {
+        let turn = self.next;
+        self.next = (self.next + 1) % (self.workers.len() + 1);
+        if turn > 0 {
+            return self.workers[turn - 1].send(StreamJob::Zero { gpa, npages });
+        }
         self.pace(16);
         self.w.send(&Message::Zero { gpa, npages }).map_err(wire_io)
     }
@@ -452,6 +477,10 @@ impl PageSink for WireSink<'_> {
         }
         self.rounds += 1;
         let round = self.rounds;
+        // The destination echoes only once every stream has delivered this round.
+        for wk in self.workers {
+            wk.mark(round)?;
+        }
         self.pace(12);
         self.w.send(&Message::RoundEnd { round, pages }).map_err(wire_io)?;
         self.w.flush().map_err(wire_io)?;
@@ -471,7 +500,7 @@ impl PageSink for WireSink<'_> {
     }
 }
 
-fn wire_io(e: std::io::Error) -> crate::Error {
+pub(crate) fn wire_io(e: std::io::Error) -> crate::Error {
     crate::Error::Wire(WireError::Io(e))
 }
 
@@ -524,9 +553,9 @@ impl Route {
 
     /// Opens the post-copy fault stream of migration `id` and keys it with
     /// the destination's fresh nonce for it.
-    fn join(&self, id: &str, vm_id: &str) -> Result<Stream, MigrationError> {
+    fn join(&self, id: &str, vm_id: &str, stream: u32) -> Result<Stream, MigrationError> {
         let (mut r, mut w, _) = self.open()?;
-        w.send(&Message::Join(Join { migration_id: id.to_string(), vm_id: vm_id.to_string(), stream: 1 }))
+        w.send(&Message::Join(Join { migration_id: id.to_string(), vm_id: vm_id.to_string(), stream }))
             .map_err(WireError::Io)?;
         w.flush().map_err(WireError::Io)?;
         let accept = match r.recv()? {
@@ -574,8 +603,9 @@ pub fn migrate_out(
 ) -> Result<MigrationStats, MigrationError> {
     let t0 = Instant::now();
     let postcopy = req.mode != MigrationMode::Precopy;
-    if req.streams.unwrap_or(1) != 1 {
-        return Err(MigrationError::Invalid("only one stream is supported by this build yet (--streams 1)".into()));
+    let streams = req.streams.unwrap_or(1);
+    if streams == 0 || streams > MAX_STREAMS {
+        return Err(MigrationError::Invalid(format!("streams {streams} is outside 1..={MAX_STREAMS}")));
     }
     if postcopy && req.verify_digest {
         return Err(MigrationError::Invalid(
@@ -605,6 +635,7 @@ pub fn migrate_out(
         cpu_features: cpu_features(status.cpu_template)?,
         kernel: status.kernel.clone(),
         cmdline: status.cmdline.clone(),
+        extra_streams: streams - 1,
     };
     w.send(&Message::Hello(Box::new(hello))).map_err(WireError::Io)?;
     w.flush().map_err(WireError::Io)?;
@@ -621,7 +652,13 @@ pub fn migrate_out(
     r.rekey(key);
     // The fault stream is opened before any memory moves, so that a
     // destination that cannot take it refuses while the guest is still here.
-    let mut fault = if postcopy { Some(route.join(&migration_id, vm_id)?) } else { None };
+    let mut fault = if postcopy { Some(route.join(&migration_id, vm_id, 1)?) } else { None };
+    let mut workers = Vec::new();
+    for k in 2..=streams {
+        let (_, sw) = route.join(&migration_id, vm_id, k)?;
+        let cap = req.max_bandwidth.and_then(|b| Bandwidth::from_bytes_per_s(b.bytes_per_s() / streams as u64).ok());
+        workers.push(StreamWorker::start(vm.ram().clone(), sw, req.compress, cap)?);
+    }
     let setup_ms = ms(t0.elapsed());
     set(MigrationState::Active);
 
@@ -650,12 +687,21 @@ pub fn migrate_out(
             codec: req.compress,
             buf: Vec::new(),
             progress,
-            pace: req.max_bandwidth.map(TokenBucket::new),
+            pace: req
+                .max_bandwidth
+                .and_then(|b| Bandwidth::from_bytes_per_s(b.bytes_per_s() / streams as u64).ok())
+                .map(TokenBucket::new),
             marks: Vec::new(),
+            workers: &workers,
+            next: 0,
         };
         let precopied = precopy(vm, &mut sink, &cfg);
         let (marks, waited) = (std::mem::take(&mut sink.marks), sink.pace.as_ref().map(|b| b.waited));
         let (state, mut pre) = precopied.map_err(|e| explain(e, &mut r))?;
+        // Every extra stream's last pages are out before the state.
+        for wk in &workers {
+            wk.mark(FINAL_ROUND).map_err(|e| explain(e, &mut r))?;
+        }
         let wire = WireFigures { start: start_bytes, marks, end: w.bytes, waited, req };
         // From here the guest is paused: the downtime runs.
         let pause_started = Instant::now() - Duration::from_secs_f64(pre.pause_ms / 1e3);
@@ -707,6 +753,9 @@ pub fn migrate_out(
         }
     };
     stats.mode = req.mode;
+    let extra: Vec<u64> = workers.iter().map(|wk| wk.bytes.load(std::sync::atomic::Ordering::Relaxed)).collect();
+    drop(workers);
+    stats.stream_bytes = std::iter::once(w.bytes).chain(extra.iter().copied()).collect();
     // Committed. Wait for the destination's word that the guest runs there;
     // whatever happens, the guest is not resumed here.
     let running = r.recv();
@@ -725,7 +774,8 @@ pub fn migrate_out(
         let mut pc = PostcopySourceStats { deferred_pages: count_bits(&deferred), ..Default::default() };
         let (sent, received) = (w.bytes, r.bytes);
         let outcome = postcopy_out(vm, &deferred, (req.compress, req.max_bandwidth), (r, w), f, progress, &mut pc);
-        stats.bytes_sent = progress.lock().unwrap().bytes_sent.max(sent) + pc.fault_stream_bytes;
+        stats.bytes_sent =
+            progress.lock().unwrap().bytes_sent.max(sent) + pc.fault_stream_bytes + extra.iter().sum::<u64>();
         stats.bytes_received = received;
         stats.postcopy = Some(pc);
         stats.total_ms = ms(t0.elapsed());
@@ -739,7 +789,7 @@ pub fn migrate_out(
         return Ok(stats);
     }
     stats.total_ms = ms(t0.elapsed());
-    stats.bytes_sent = w.bytes;
+    stats.bytes_sent = w.bytes + extra.iter().sum::<u64>();
     stats.bytes_received = r.bytes;
     stats.state = MigrationState::Completed;
     Ok(stats)
@@ -893,7 +943,7 @@ pub fn resume_postcopy(
             other => return Err(MigrationError::Wire(unexpected(0, "Needed or PushDone", &other))),
         }
     }
-    let fault = route.join(&id, vm_id)?;
+    let fault = route.join(&id, vm_id, 1)?;
     let mut pc = ctx.stats.postcopy.clone().unwrap_or_default();
     pc.resumes += 1;
     let outcome =
@@ -984,6 +1034,7 @@ fn finish_stats(
         throttle: pre.throttle.clone(),
         mode: MigrationMode::Precopy,
         postcopy: None,
+        stream_bytes: Vec::new(),
         compress: WireCodec::default(),
         max_bandwidth: None,
         bandwidth_wait_ms: 0.0,
@@ -1124,6 +1175,9 @@ fn check_hello(h: &Hello) -> Result<CpuTemplate, String> {
     if h.vm_id.is_empty() || h.vm_id.len() > 64 {
         return Err("VM id is empty or longer than 64 bytes".into());
     }
+    if h.extra_streams >= MAX_STREAMS {
+        return Err(format!("{} page streams: this ferry takes at most {MAX_STREAMS}", h.extra_streams + 1));
+    }
     if h.vcpus == 0 || h.vcpus > ferry_vmm::mptable::MAX_CPUS {
         return Err(format!("{} vCPUs: this ferry runs 1..={}", h.vcpus, ferry_vmm::mptable::MAX_CPUS));
     }
@@ -1185,9 +1239,17 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     let postcopy = hello.capabilities.iter().any(|c| c == CAP_POSTCOPY);
     let mut fault: Option<Stream> = None;
     if postcopy {
-        match accept_join(listener, accept_timeout, opts.peer_timeout, &hello.migration_id, &hello.vm_id) {
+        match accept_join(listener, accept_timeout, opts.peer_timeout, &hello.migration_id, &hello.vm_id, 1) {
             Ok(f) => fault = Some(f),
             Err(e) => return Err(refuse(&mut w, format!("the post-copy fault stream did not join: {e}"))),
+        }
+    }
+    let mut extra = Vec::new();
+    for k in 2..=hello.extra_streams + 1 {
+        match accept_join(listener, accept_timeout, opts.peer_timeout, &hello.migration_id, &hello.vm_id, k) {
+            // The destination only reads page streams; their sending halves close.
+            Ok((er, _)) => extra.push(er),
+            Err(e) => return Err(refuse(&mut w, format!("page stream {k} did not join: {e}"))),
         }
     }
     let mut pages_in: Option<Arc<PostcopyIncoming>> = None;
@@ -1208,6 +1270,8 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         let ram = prepared.ram().clone();
         let ranges: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.gpa, r.len)).collect();
         let mut needed = postcopy.then(|| crate::postcopy::empty_set(&ranges));
+        let receivers =
+            if extra.is_empty() { None } else { Some(StreamReceivers::start(&ram, std::mem::take(&mut extra))?) };
         let state_bytes = loop {
             match r.recv()? {
                 Message::Needed { gpa, npages, bitmap } => {
@@ -1244,11 +1308,24 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
                     stats.zero_pages += npages;
                 }
                 Message::RoundEnd { round, pages } => {
+                    if let Some(rx) = &receivers {
+                        rx.wait(round, opts.peer_timeout)?;
+                    }
                     // Everything before it is in guest RAM: acknowledge.
                     w.send(&Message::RoundEnd { round, pages }).map_err(WireError::Io)?;
                     w.flush().map_err(WireError::Io)?;
                 }
-                Message::State(s) => break s,
+                Message::State(s) => {
+                    if let Some(rx) = &receivers {
+                        rx.wait(FINAL_ROUND, opts.peer_timeout)?;
+                        let (p, z, f, b) = rx.counts();
+                        stats.pages += p;
+                        stats.zero_pages += z;
+                        stats.page_frames += f;
+                        stats.bytes_received += b;
+                    }
+                    break s;
+                }
                 Message::Abort(why) => return Err(MigrationError::PeerAborted(why.reason)),
                 other => return Err(MigrationError::Wire(unexpected(0, "pages or State", &other))),
             }
@@ -1334,13 +1411,14 @@ fn accept_join(
     peer_timeout: Duration,
     id: &str,
     vm_id: &str,
+    stream: u32,
 ) -> Result<Stream, MigrationError> {
     let (conn, _) = listener.accept(accept_timeout.min(CONNECT_TIMEOUT * 3))?;
     conn.set_timeouts(Some(peer_timeout), Some(peer_timeout))?;
     let (r, w) = conn.split();
     let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
     match r.recv()? {
-        Message::Join(j) if j.migration_id == id && j.vm_id == vm_id && j.stream == 1 => {}
+        Message::Join(j) if j.migration_id == id && j.vm_id == vm_id && j.stream == stream => {}
         Message::Join(_) => return Err(refuse(&mut w, "the stream joins another migration".into())),
         other => return Err(refuse(&mut w, unexpected(0, "Join", &other).to_string())),
     }
@@ -1409,12 +1487,12 @@ fn resume_incoming(
     }
     w.send(&Message::PushDone { pages: n }).map_err(WireError::Io)?;
     w.flush().map_err(WireError::Io)?;
-    let (fr, fw) = accept_join(listener, CONNECT_TIMEOUT, pc.peer_timeout, &pc.migration_id, &pc.vm_id)?;
+    let (fr, fw) = accept_join(listener, CONNECT_TIMEOUT, pc.peer_timeout, &pc.migration_id, &pc.vm_id, 1)?;
     pc.pages.start(r, w, fr, fw, pc.peer_timeout).map_err(|e| MigrationError::Engine(crate::Error::Mismatch(e)))
 }
 
 /// Zeroes guest RAM in a checked range.
-fn zero_range(ram: &GuestRam, gpa: u64, len: u64) {
+pub(crate) fn zero_range(ram: &GuestRam, gpa: u64, len: u64) {
     static ZERO: [u8; 1 << 16] = [0; 1 << 16];
     let mut off = 0;
     while off < len {

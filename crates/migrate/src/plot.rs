@@ -679,6 +679,7 @@ mod tests {
             throttle: None,
             mode: MigrationMode::Precopy,
             postcopy: None,
+            stream_bytes: Vec::new(),
             compress: crate::wire::WireCodec::Lz4,
             max_bandwidth: None,
             bandwidth_wait_ms: 0.0,

@@ -265,7 +265,19 @@ pub struct Hello {
     pub kernel: String,
     /// Kernel command line, informational.
     pub cmdline: String,
+    /// Page streams besides the main one (`--streams N` sends N-1 of them),
+    /// each joined with `Join` (stream 2, 3, ...) right after `Accept`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub extra_streams: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The round number of the marker each extra page stream sends after its
+/// last pages, before the source sends `State` on the main stream.
+pub const FINAL_ROUND: u32 = u32::MAX;
 
 /// One CPUID register of feature bits.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
