@@ -135,6 +135,50 @@ fn migrates_over_insecure_tcp_with_zstd_pages() {
     assert!(v["bytes_sent"].as_u64().unwrap() * 10 < raw, "{v}");
 }
 
+/// A destination built before zstd: it reads the hello and refuses every
+/// capability it does not know, as `check_hello` does. Returns the
+/// capabilities the source proposed.
+fn old_destination(path: PathBuf) -> std::thread::JoinHandle<Vec<String>> {
+    let l = UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        let mut r = FrameReader::new(c.try_clone().unwrap());
+        let mut w = FrameWriter::new(c);
+        let Message::Hello(h) = r.recv().unwrap() else { panic!("expected a hello") };
+        let reason = match h.capabilities.iter().find(|c| c.as_str() != "memory-digest") {
+            Some(c) => format!("unknown capability {c:?}"),
+            None => "this test destination takes no migration".to_string(),
+        };
+        w.send(&Message::Refuse(ferry_migrate::wire::Reason { reason })).unwrap();
+        w.flush().unwrap();
+        h.capabilities
+    })
+}
+
+#[test]
+fn a_destination_without_zstd_refuses_it_at_the_hello_and_the_guest_stays() {
+    let (mut src, ssock) = running_guest("dirty wss=4 rate=max report=100", "64M");
+    let dir = tempfile::tempdir().unwrap();
+    // zstd is proposed as a capability: an old destination refuses before any memory moves.
+    let t = old_destination(dir.path().join("old.sock"));
+    let to = format!("unix://{}", dir.path().join("old.sock").display());
+    let o = migrate(&ssock, &to, &["--compress", "zstd"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("refused") && err.contains("unknown capability \"zstd-pages\""), "{err}");
+    assert_eq!(t.join().unwrap(), vec!["zstd-pages".to_string()]);
+    source_still_fine(&mut src, &ssock);
+    // lz4 (the default) and none do not propose it.
+    for codec in ["lz4", "none"] {
+        let sock = dir.path().join(format!("old-{codec}.sock"));
+        let t = old_destination(sock.clone());
+        let o = migrate(&ssock, &format!("unix://{}", sock.display()), &["--compress", codec]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(t.join().unwrap().is_empty(), "{codec}");
+    }
+    source_still_fine(&mut src, &ssock);
+}
+
 /// With `--max-bandwidth 20M`, round 1 of a 256 MiB guest full of random
 /// (incompressible) pages is paced: the wire rate the source measured and
 /// reports stays within 10% of the cap, and the guest arrives intact.
