@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use ferry_image::{ImageChain, UserKey};
+use ferry_image::UserKey;
 use ferry_inspect::{ImageMem, Literals, PagingContext, Pattern, ScanOptions};
 
 /// Parses `0x...` as hex, anything else as decimal.
@@ -86,13 +86,16 @@ pub struct ScanArgs {
     /// Do not look up virtual addresses of the matches.
     #[arg(long)]
     no_virt: bool,
+    /// Threads searching at once (default: the CPUs, at most 8).
+    #[arg(long)]
+    threads: Option<usize>,
     #[command(flatten)]
     tables: TableArgs,
 }
 
 fn open(c: &Common) -> Result<ImageMem> {
     let key = c.key_file.as_deref().map(UserKey::from_file).transpose()?;
-    Ok(ImageMem::new(ImageChain::open(&c.image, key.as_ref())?))
+    Ok(ImageMem::open(&c.image, key.as_ref())?)
 }
 
 /// The page tables the user chose: `--cr3`, else `--vcpu` (default 0).
@@ -227,7 +230,10 @@ pub fn scan(a: ScanArgs) -> Result<u8> {
             Err(e) => return Err(e),
         }
     };
-    let opts = ScanOptions { max_matches: a.max_matches, paging, ..ScanOptions::default() };
+    let mut opts = ScanOptions { max_matches: a.max_matches, paging, ..ScanOptions::default() };
+    if let Some(t) = a.threads {
+        opts.threads = t.max(1);
+    }
     let r = ferry_inspect::scan(&mut mem, &matcher, &opts)?;
     if a.common.json {
         println!("{}", serde_json::to_string_pretty(&r)?);

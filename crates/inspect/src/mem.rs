@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use ferry_image::{ImageChain, RamRange, PAGE_SIZE};
+use std::path::{Path, PathBuf};
+
+use ferry_image::{ImageChain, RamRange, UserKey, PAGE_SIZE};
 
 use crate::error::{Error, Result};
 
@@ -22,6 +24,12 @@ pub trait PhysMem {
     /// A scanner reads only these. The default says "all of RAM".
     fn data_extents(&mut self) -> Result<Vec<(u64, u64)>> {
         Ok(self.ranges().iter().map(|r| (r.start, r.len)).collect())
+    }
+
+    /// Another handle on the same memory for a worker thread; `None` when the memory
+    /// cannot be shared (then a scan runs on one thread).
+    fn try_clone(&self) -> Result<Option<Box<dyn PhysMem + Send>>> {
+        Ok(None)
     }
 
     /// Whether `gpa..gpa+len` lies in RAM (adjacent ranges count as one).
@@ -59,16 +67,20 @@ pub struct ImageMem {
     chain: ImageChain,
     ranges: Vec<RamRange>,
     cache: HashMap<u64, Box<[u8; PAGE]>>,
+    /// How to open another handle: the leaf image and its key.
+    path: PathBuf,
+    key: Option<UserKey>,
 }
 
 /// Pages kept by [`ImageMem`]'s cache before it starts over (16 MiB).
 const CACHE_PAGES: usize = 4096;
 
 impl ImageMem {
-    /// Wraps an opened chain.
-    pub fn new(chain: ImageChain) -> Self {
+    /// Opens the image at `path` and its parents (see [`ImageChain::open`]).
+    pub fn open(path: &Path, key: Option<&UserKey>) -> Result<Self> {
+        let chain = ImageChain::open(path, key)?;
         let ranges = chain.ranges().to_vec();
-        ImageMem { chain, ranges, cache: HashMap::new() }
+        Ok(ImageMem { chain, ranges, cache: HashMap::new(), path: path.to_path_buf(), key: key.cloned() })
     }
 
     /// The chain, e.g. for its vCPU registers.
@@ -115,6 +127,10 @@ impl PhysMem for ImageMem {
 
     fn data_extents(&mut self) -> Result<Vec<(u64, u64)>> {
         Ok(self.chain.data_extents())
+    }
+
+    fn try_clone(&self) -> Result<Option<Box<dyn PhysMem + Send>>> {
+        Ok(Some(Box::new(ImageMem::open(&self.path, self.key.as_ref())?)))
     }
 }
 

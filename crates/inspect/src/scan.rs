@@ -3,11 +3,15 @@
 //! The scanner streams over guest-physical memory in blocks (never the whole
 //! image at once) and reads only the extents that hold data, each widened by
 //! the longest pattern minus one so that a match reaching into a zero page is
-//! still seen. Consecutive blocks overlap by the longest pattern minus one, so
+//! still seen. Each block also re-reads the longest pattern minus one
+//! (rounded up to a page) before its start, so consecutive blocks overlap and
 //! a match across any boundary (block, chunk, run, zero gap, adjacent RAM
-//! ranges) is found exactly once. What is searched for is behind the
+//! ranges) is found, exactly once: by the block that holds its last byte.
+//! Blocks are independent, so several threads (each with its own handle on
+//! the image) take them in turn. What is searched for is behind the
 //! [`Matcher`] trait: [`Literals`] today, a YARA-X rule set later.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use memchr::memmem::Finder;
@@ -36,7 +40,9 @@ pub struct Hit {
 
 /// Something that finds matches in a block of bytes. The scanner guarantees
 /// that every stretch of memory up to `max_len` bytes long lies whole in some
-/// block, and drops hits that lie whole in the previous block's overlap.
+/// block (each block starts at least `max_len - 1` bytes before the part it
+/// owns) and keeps a hit only in the block that owns its last byte. `Sync`,
+/// so several threads can search with one matcher.
 pub trait Matcher {
     /// Longest match this matcher can report (sets the block overlap).
     fn max_len(&self) -> usize;
@@ -142,11 +148,15 @@ pub struct ScanOptions {
     pub max_matches: usize,
     /// Page tables used to name the virtual addresses of each match.
     pub paging: Option<PagingContext>,
+    /// Threads searching at once (each with its own handle on the memory, when it can be
+    /// shared; see [`PhysMem::try_clone`]).
+    pub threads: usize,
 }
 
 impl Default for ScanOptions {
     fn default() -> Self {
-        ScanOptions { block_size: 8 << 20, max_matches: 1000, paging: None }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        ScanOptions { block_size: 8 << 20, max_matches: 1000, paging: None, threads }
     }
 }
 
@@ -178,6 +188,8 @@ pub struct ScanReport {
     pub bytes_scanned: u64,
     /// Block size used.
     pub block_size: u64,
+    /// Threads that searched.
+    pub threads: usize,
     /// Page tables used for virtual addresses, if any.
     pub paging: Option<PagingContext>,
     /// Wall time of the scan (reading, decoding and searching).
@@ -213,8 +225,8 @@ fn segments(spans: &[(u64, u64)], extents: &[(u64, u64)], pad: u64) -> Vec<(u64,
     out
 }
 
-/// Searches all of guest memory for `matcher`'s patterns.
-pub fn scan(mem: &mut dyn PhysMem, matcher: &dyn Matcher, opts: &ScanOptions) -> Result<ScanReport> {
+/// Searches all of guest memory for `matcher`'s patterns, on `opts.threads` threads.
+pub fn scan(mem: &mut dyn PhysMem, matcher: &(dyn Matcher + Sync), opts: &ScanOptions) -> Result<ScanReport> {
     let t0 = Instant::now();
     let page = ferry_image::PAGE_SIZE as usize;
     let block = opts.block_size.max(1).div_ceil(page) * page;
@@ -226,38 +238,47 @@ pub fn scan(mem: &mut dyn PhysMem, matcher: &dyn Matcher, opts: &ScanOptions) ->
         let pad = (overlap as u64).div_ceil(page as u64) * page as u64;
         segments(&spans, &mem.data_extents()?, pad)
     };
-    let mut found: Vec<(u64, usize, usize)> = Vec::new();
-    let mut total = 0u64;
-    let mut scanned = 0u64;
-    let mut buf: Vec<u8> = Vec::with_capacity(overlap + block);
-    let mut hits = Vec::new();
+    // Independent blocks: each reads `pad` bytes before its start again, so blocks can be
+    // searched in any order and on any thread; a hit belongs to the block holding its last byte.
+    let pad = (overlap as u64).div_ceil(page as u64) * page as u64;
+    let mut blocks = Vec::new();
     for (start, end) in segs {
-        buf.clear();
-        let mut carry = 0usize;
-        let mut pos = start;
-        while pos < end {
-            let n = block.min((end - pos) as usize);
-            buf.resize(carry + n, 0);
-            mem.read(pos, &mut buf[carry..])?;
-            scanned += n as u64;
-            hits.clear();
-            matcher.find(&buf, &mut hits);
-            hits.sort_unstable();
-            let base = pos - carry as u64;
-            for h in hits.iter().filter(|h| h.offset + h.len > carry) {
-                total += 1;
-                if found.len() < opts.max_matches {
-                    found.push((base + h.offset as u64, h.pattern, h.len));
-                }
-            }
-            let keep = overlap.min(buf.len());
-            let from = buf.len() - keep;
-            buf.copy_within(from.., 0);
-            buf.truncate(keep);
-            carry = keep;
-            pos += n as u64;
+        let mut a = start;
+        while a < end {
+            let b = end.min(a + block as u64);
+            blocks.push(Block { from: start.max(a.saturating_sub(pad)), start: a, end: b });
+            a = b;
         }
     }
+    let next = AtomicUsize::new(0);
+    let mut helpers: Vec<Box<dyn PhysMem + Send>> = Vec::new();
+    for _ in 1..opts.threads.clamp(1, 64).min(blocks.len()) {
+        match mem.try_clone()? {
+            Some(m) => helpers.push(m),
+            None => break,
+        }
+    }
+    let ctx = Ctx { blocks: &blocks, next: &next, matcher, pad, block, max: opts.max_matches };
+    let nthreads = helpers.len() + 1;
+    let results: Vec<Result<Found>> = std::thread::scope(|s| {
+        let handles: Vec<_> = helpers.into_iter().map(|mut m| s.spawn(move || ctx.work(&mut *m))).collect();
+        let mut out = vec![ctx.work(mem)];
+        for h in handles {
+            out.push(
+                h.join().unwrap_or_else(|_| Err(Error::BadLength { len: 0, reason: "scan thread failed".into() })),
+            );
+        }
+        out
+    });
+    let (mut found, mut total, mut scanned) = (Vec::new(), 0u64, 0u64);
+    for r in results {
+        let f = r?;
+        found.extend(f.hits);
+        total += f.total;
+        scanned += f.scanned;
+    }
+    found.sort_unstable();
+    found.truncate(opts.max_matches);
     let index = match &opts.paging {
         Some(ctx) => Some(PaIndex::new(maps(mem, ctx)?.runs)),
         None => None,
@@ -278,9 +299,62 @@ pub fn scan(mem: &mut dyn PhysMem, matcher: &dyn Matcher, opts: &ScanOptions) ->
         ram_bytes: mem.ranges().iter().map(|r| r.len).sum(),
         bytes_scanned: scanned,
         block_size: block as u64,
+        threads: nthreads,
         paging: opts.paging,
         elapsed_secs: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// One stretch to search: bytes `from..end` are read, hits ending after `start` count.
+struct Block {
+    from: u64,
+    start: u64,
+    end: u64,
+}
+
+/// What one worker found: (physical address, pattern, length), the first `max` in address order.
+struct Found {
+    hits: Vec<(u64, usize, usize)>,
+    total: u64,
+    scanned: u64,
+}
+
+/// Shared by the scan's workers.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    blocks: &'a [Block],
+    next: &'a AtomicUsize,
+    matcher: &'a (dyn Matcher + Sync),
+    pad: u64,
+    block: usize,
+    max: usize,
+}
+
+impl Ctx<'_> {
+    /// Takes blocks (in address order) until none are left.
+    fn work(&self, mem: &mut dyn PhysMem) -> Result<Found> {
+        let mut buf = vec![0u8; self.pad as usize + self.block];
+        let mut f = Found { hits: Vec::new(), total: 0, scanned: 0 };
+        let mut hits = Vec::new();
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(b) = self.blocks.get(i) else {
+                return Ok(f);
+            };
+            let len = (b.end - b.from) as usize;
+            mem.read(b.from, &mut buf[..len])?;
+            f.scanned += b.end - b.start;
+            hits.clear();
+            self.matcher.find(&buf[..len], &mut hits);
+            hits.sort_unstable();
+            for h in hits.iter().filter(|h| b.from + (h.offset + h.len) as u64 > b.start) {
+                f.total += 1;
+                if f.hits.len() < self.max {
+                    f.hits.push((b.from + h.offset as u64, h.pattern, h.len));
+                }
+            }
+        }
+    }
 }
 
 /// Mapped runs sorted by physical address, for physical-to-virtual lookups.

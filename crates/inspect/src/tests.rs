@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_image::{CpuRegs, ImageChain, ImageHeaderInput, ImageWriter, RamRange, WriteOptions};
+use ferry_image::{CpuRegs, ImageHeaderInput, ImageWriter, RamRange, WriteOptions};
 
 use crate::*;
 
@@ -350,13 +350,14 @@ fn scan_finds_matches_across_every_boundary_and_nothing_stale() {
     let (path, model) = planted_image(dir.path(), &pat);
     let want = naive(&model, &pat);
     assert_eq!(want.len(), 4, "{want:#x?}");
-    for block in [4096usize, 3 * 4096, 1 << 20] {
-        let mut m = ImageMem::new(ImageChain::open(&path, None).unwrap());
-        let opts = ScanOptions { block_size: block, ..ScanOptions::default() };
+    for (block, threads) in [(4096usize, 1), (4096, 3), (3 * 4096, 2), (1 << 20, 1)] {
+        let mut m = ImageMem::open(&path, None).unwrap();
+        let opts = ScanOptions { block_size: block, threads, ..ScanOptions::default() };
         let lit = Literals::new(vec![Pattern::string("FERRY-PLANT-0123").unwrap()]).unwrap();
         let rep = scan(&mut m, &lit, &opts).unwrap();
         let got: Vec<u64> = rep.matches.iter().map(|x| x.pa).collect();
-        assert_eq!(got, want, "block {block}");
+        assert_eq!(got, want, "block {block} threads {threads}");
+        assert_eq!(rep.threads, threads);
         for at in [0x4000 - 8, 0x12000 - 8, 0x40000 - 8, 0x10a000 - 16] {
             assert!(got.contains(&at), "block {block}: {at:#x} missing from {got:#x?}");
         }
@@ -371,7 +372,7 @@ fn scan_finds_matches_across_every_boundary_and_nothing_stale() {
     lead.extend_from_slice(&pat[8..]);
     for p in [gap, lead] {
         let want = naive(&model, &p);
-        let mut m = ImageMem::new(ImageChain::open(&path, None).unwrap());
+        let mut m = ImageMem::open(&path, None).unwrap();
         let lit = Literals::new(vec![Pattern::hex(&crate::read::hex(&p)).unwrap()]).unwrap();
         let rep = scan(&mut m, &lit, &ScanOptions { block_size: 4096, ..ScanOptions::default() }).unwrap();
         let got: Vec<u64> = rep.matches.iter().map(|x| x.pa).collect();
@@ -383,7 +384,7 @@ fn scan_finds_matches_across_every_boundary_and_nothing_stale() {
     let want_lead = naive(&model, &[&[0u8; 8][..], &pat[8..]].concat());
     assert!(want_lead.contains(&(0xe000 - 8)), "{want_lead:#x?}");
     // The stale round-1 bytes are gone.
-    let mut m = ImageMem::new(ImageChain::open(&path, None).unwrap());
+    let mut m = ImageMem::open(&path, None).unwrap();
     let lit = Literals::new(vec![Pattern::string("stale").unwrap()]).unwrap();
     assert_eq!(scan(&mut m, &lit, &ScanOptions::default()).unwrap().total_matches, 0);
 }
