@@ -115,7 +115,7 @@ fn hexdump(start: u64, bytes: &[u8]) {
         let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
         let text: String =
             line.iter().map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' }).collect();
-        println!("{:#018x}  {:<47}  |{text}|", start + i as u64 * 16, hex.join(" "));
+        println!("{:#018x}  {:<47}  |{text}|", start.wrapping_add(i as u64 * 16), hex.join(" "));
     }
 }
 
