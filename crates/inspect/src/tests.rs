@@ -412,3 +412,46 @@ fn scan_names_virtual_addresses_from_the_page_tables() {
     assert_eq!(rep.matches[0].pa, 0x8_0010);
     assert_eq!(rep.matches[0].va, vec![0x7000_0000_0010, 0xffff_8000_0008_0010]);
 }
+
+#[test]
+fn encrypted_image_scans_on_several_threads_with_its_key_and_refuses_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ferry_image::UserKey::from_bytes(b"inspect test key").unwrap();
+    let path = dir.path().join("enc.img");
+    let ranges = vec![RamRange::new(0, 0x100000)];
+    let input = ImageHeaderInput { vm_config: serde_json::json!({}), ranges, parent: None };
+    let opts = WriteOptions { chunk_size: 4 * 4096, key: Some(key.clone()), ..WriteOptions::default() };
+    let mut w = ImageWriter::create(&path, input, opts).unwrap();
+    let mut mem = vec![0u8; 0x100000];
+    for p in 0..64 {
+        mem[p * 4096 + 1] = p as u8 | 1;
+    }
+    mem[0x7ff8..0x8008].copy_from_slice(b"SECRET-ACROSS-PG");
+    w.write_pages(0, &mem).unwrap();
+    w.finish(b"", &[CpuRegs::default()]).unwrap();
+    let lit = Literals::new(vec![Pattern::string("SECRET-ACROSS-PG").unwrap()]).unwrap();
+    let mut m = ImageMem::open(&path, Some(&key)).unwrap();
+    let opts = ScanOptions { block_size: 4096, threads: 2, ..ScanOptions::default() };
+    let rep = scan(&mut m, &lit, &opts).unwrap();
+    assert_eq!(rep.threads, 2);
+    assert_eq!(rep.matches.iter().map(|x| x.pa).collect::<Vec<_>>(), vec![0x7ff8]);
+    let mut m = ImageMem::open(&path, None).unwrap();
+    let e = scan(&mut m, &lit, &opts).unwrap_err().to_string();
+    assert!(e.contains("key"), "{e}");
+}
+
+#[test]
+fn paging_mode_comes_from_the_vcpu_registers() {
+    let mut r = CpuRegs::default();
+    let e = PagingContext::from_regs(1, &r).unwrap_err().to_string();
+    assert!(e.contains("vCPU 1") && e.contains("CR0.PG"), "{e}");
+    r.cr0 = 1 << 31;
+    assert!(PagingContext::from_regs(0, &r).unwrap_err().to_string().contains("CR4.PAE"));
+    r.cr4 = 1 << 5;
+    assert!(PagingContext::from_regs(0, &r).unwrap_err().to_string().contains("EFER.LMA"));
+    r.efer = 1 << 10 | 1 << 8;
+    r.cr3 = 0x1234_5000 | 0x18 | 0x7; // flag and PCID bits are masked off
+    assert_eq!(PagingContext::from_regs(0, &r).unwrap(), PagingContext { root: 0x1234_5000, levels: 4 });
+    r.cr4 |= 1 << 12;
+    assert_eq!(PagingContext::from_regs(0, &r).unwrap().levels, 5);
+}
