@@ -42,6 +42,45 @@ pub enum Fill {
     Random,
 }
 
+/// Longest `plant=` pattern in bytes.
+pub const MAX_PLANT: usize = 32;
+
+/// `plant=<hex>@<gpa>`: bytes the guest writes at a guest-physical address
+/// after booting, so analysis tests can look for a known pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plant {
+    /// Guest-physical (= virtual, identity mapped) address of the first byte.
+    pub gpa: u64,
+    /// Number of bytes used in `bytes`.
+    pub len: usize,
+    /// The bytes.
+    pub bytes: [u8; MAX_PLANT],
+}
+
+impl Plant {
+    /// The planted bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// Parses `<hex bytes>@<hex address>` (address with or without `0x`).
+    pub fn parse(v: &str) -> Option<Plant> {
+        let (hex, at) = v.split_once('@')?;
+        let at = at.strip_prefix("0x").unwrap_or(at);
+        if at.is_empty() || at.len() > 16 || hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 2 * MAX_PLANT {
+            return None;
+        }
+        let gpa = u64::from_str_radix(at, 16).ok()?;
+        let mut bytes = [0u8; MAX_PLANT];
+        let h = hex.as_bytes();
+        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        for (i, b) in bytes.iter_mut().take(h.len() / 2).enumerate() {
+            *b = digit(h[2 * i])? << 4 | digit(h[2 * i + 1])?;
+        }
+        Some(Plant { gpa, len: h.len() / 2, bytes })
+    }
+}
+
 /// Parsed boot command line; `None` means "use the default".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -69,6 +108,8 @@ pub struct Config {
     pub crash: Option<Crash>,
     /// `exit=<n>`: print a line and exit at once with status n.
     pub exit: Option<u8>,
+    /// `plant=<hex>@<gpa>`: bytes written at an address after boot.
+    pub plant: Option<Plant>,
 }
 
 impl Default for Config {
@@ -86,6 +127,7 @@ impl Default for Config {
             tsc_khz: None,
             crash: None,
             exit: None,
+            plant: None,
         }
     }
 }
@@ -148,6 +190,7 @@ pub fn parse(line: &str) -> Result<Config, &str> {
                 c.crash = Some(Crash::MmioExec);
                 true
             }
+            ("plant", Some(v)) => Plant::parse(v).map(|p| c.plant = Some(p)).is_some(),
             ("exit", Some(v)) => num(v).filter(|&n| n <= 255).map(|n| c.exit = Some(n as u8)).is_some(),
             _ => false,
         };

@@ -304,6 +304,22 @@ extern "C" fn bsp_main(start_info: u64) -> ! {
         bi.cmdline
     );
 
+    if let Some(p) = cfg.plant {
+        // Only inside one RAM range of the workload region: never over the guest itself.
+        let end = p.gpa.checked_add(p.len as u64);
+        let ok = end.is_some_and(|e| p.gpa >= region_start && bi.ram.iter().any(|r| r.0 <= p.gpa && e <= r.0 + r.1));
+        if !ok {
+            say!("ERROR plant at {:#x} is outside the workload region", p.gpa);
+            say!("EXIT status=2");
+            hw::exit(2);
+        }
+        for (i, &b) in p.bytes().iter().enumerate() {
+            // SAFETY: RAM of the workload region, identity mapped and writable from ring 3.
+            unsafe { core::ptr::write_volatile((p.gpa + i as u64) as *mut u8, b) };
+        }
+        say!("PLANTED gpa={:#x} len={}", p.gpa, p.len);
+    }
+
     let mut su = Setup {
         mode: cfg.mode,
         fill: cfg.fill,

@@ -81,6 +81,17 @@ mod tests {
     }
 
     #[test]
+    fn plant_word() {
+        let p = parse("idle plant=46455252@0x400ffe").unwrap().plant.unwrap();
+        assert_eq!((p.gpa, p.bytes()), (0x400ffe, &b"FERR"[..]));
+        assert_eq!(parse("plant=00@400000").unwrap().plant.unwrap().gpa, 0x400000);
+        for bad in ["plant=", "plant=4@1000", "plant=zz@1000", "plant=41@", "plant=41", "plant=41@0xg", "plant=@1000"] {
+            assert_eq!(parse(bad), Err(bad), "{bad}");
+        }
+        assert!(parse(&format!("plant={}@1000", "41".repeat(MAX_PLANT + 1))).is_err());
+    }
+
+    #[test]
     fn host_commands() {
         assert_eq!(parse_command("verify"), Some(Ok(Command::Verify)));
         assert_eq!(parse_command(" status \r"), Some(Ok(Command::Status)));

@@ -1,4 +1,5 @@
-//! `ferry image verify|inspect|export`: working with image files offline.
+//! `ferry image verify|inspect|export|read|maps|scan`: working with image files offline
+//! (the analysis commands live in `inspectcmd`).
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -43,6 +44,12 @@ pub enum ImageCmd {
         #[arg(long)]
         key_file: Option<PathBuf>,
     },
+    /// Read guest memory at a physical address, or at a virtual one through the saved page tables.
+    Read(crate::inspectcmd::ReadArgs),
+    /// List the virtual ranges a vCPU's page tables map, merged into runs.
+    Maps(crate::inspectcmd::MapsArgs),
+    /// Search guest memory for strings or hex patterns (physical and virtual addresses).
+    Scan(crate::inspectcmd::ScanArgs),
 }
 
 fn key(f: &Option<PathBuf>) -> Result<Option<UserKey>> {
@@ -132,6 +139,9 @@ pub fn run(cmd: ImageCmd) -> Result<u8> {
             }
             Ok(0)
         }
+        ImageCmd::Read(a) => crate::inspectcmd::read(a),
+        ImageCmd::Maps(a) => crate::inspectcmd::maps(a),
+        ImageCmd::Scan(a) => crate::inspectcmd::scan(a),
         ImageCmd::Export { image, format, out, key_file } => {
             let k = key(&key_file)?;
             let mut chain = ImageChain::open(&image, k.as_ref())?;

@@ -4,6 +4,7 @@ mod api;
 mod certs;
 mod http;
 mod imagecmd;
+mod inspectcmd;
 mod signals;
 
 use std::io::{Read, Write};

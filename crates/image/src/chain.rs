@@ -203,6 +203,27 @@ impl ImageChain {
         self.finals = Some(FinalIndex { member_first, starts, extents });
     }
 
+    /// The guest-physical extents whose final contents are data, as (address, bytes), sorted
+    /// and merged where adjacent; everything else reads as zero. Lets a scanner skip zero
+    /// memory without reading it.
+    pub fn data_extents(&mut self) -> Vec<(u64, u64)> {
+        self.build_map();
+        let end_page = self.ranges().iter().map(|r| r.end()).max().unwrap_or(0) / crate::header::PAGE_SIZE;
+        let map = self.map.as_ref().expect("built above");
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (p, n, src) in map.query(0, end_page) {
+            if src == Src::Zero {
+                continue;
+            }
+            let (gpa, len) = (p * crate::header::PAGE_SIZE, n * crate::header::PAGE_SIZE);
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == gpa => last.1 += len,
+                _ => out.push((gpa, len)),
+            }
+        }
+        out
+    }
+
     /// Pages whose final contents are recorded as data (not as zero runs):
     /// what a restore has to write.
     pub fn final_data_pages(&mut self) -> u64 {

@@ -168,6 +168,32 @@ pub enum Error {
         len: u64,
     },
 
+    /// The trailer's footer offset and length fit in the file but do not end where the trailer starts.
+    #[error("{path}: trailer at offset {trailer_offset}: the {field} field is wrong: footer offset {footer_offset} + footer length {footer_len} ends at {}, but the footer must end where the trailer starts ({trailer_offset})", footer_offset.saturating_add(*footer_len))]
+    FooterMisplaced {
+        /// The image file.
+        path: PathBuf,
+        /// File offset of the trailer.
+        trailer_offset: u64,
+        /// Footer offset the trailer declares.
+        footer_offset: u64,
+        /// Footer length the trailer declares.
+        footer_len: u64,
+        /// Which trailer field disagrees ("footer offset", "footer length", or both when unknown).
+        field: &'static str,
+    },
+
+    /// The trailer's footer hash disagrees with a footer whose own contents are consistent.
+    #[error("{path}: trailer at offset {trailer_offset}: the footer hash field (bytes 32..64) disagrees with the footer at offset {footer_offset}, whose header hash and root hash check out: the trailer's footer hash is corrupted")]
+    TrailerFooterHashMismatch {
+        /// The image file.
+        path: PathBuf,
+        /// File offset of the trailer.
+        trailer_offset: u64,
+        /// File offset of the footer.
+        footer_offset: u64,
+    },
+
     /// The footer is malformed.
     #[error("{path}: footer at offset {offset}: {reason}")]
     FooterCorrupt {

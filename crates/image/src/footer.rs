@@ -106,6 +106,9 @@ impl Footer {
         if b[0..4] != FOOTER_MAGIC {
             return Err(Error::BadMagic { path: path.to_path_buf(), what: "footer", offset: footer_offset });
         }
+        if b[4..8] != [0; 4] {
+            return Err(corrupt(4, "reserved bytes are not zero".into()));
+        }
         let u64at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
         let h32at = |o: usize| Hash32(b[o..o + 32].try_into().expect("32"));
         let nchunks = u64at(8);
@@ -224,7 +227,29 @@ impl Trailer {
         }
         let footer_offset = u64::from_le_bytes(b[16..24].try_into().expect("8"));
         let footer_len = u64::from_le_bytes(b[24..32].try_into().expect("8"));
-        if footer_offset < data_start || footer_offset.checked_add(footer_len).is_none_or(|e| e != offset) {
+        let end = footer_offset.checked_add(footer_len);
+        if footer_offset < data_start {
+            return Err(Error::TrailerCorrupt {
+                path: path.to_path_buf(),
+                offset: offset + 16,
+                reason: format!(
+                    "footer offset field says {footer_offset}, before the end of the header at {data_start}"
+                ),
+            });
+        }
+        if end.is_some_and(|e| e <= file_size) && end != Some(offset) {
+            // Both fit the file, but the footer must end exactly where the trailer starts:
+            // one of the two fields is wrong. `ImageReader` names which by looking for the
+            // footer's magic.
+            return Err(Error::FooterMisplaced {
+                path: path.to_path_buf(),
+                trailer_offset: offset,
+                footer_offset,
+                footer_len,
+                field: "footer offset or footer length",
+            });
+        }
+        if end != Some(offset) {
             return Err(Error::SizeExceedsFile {
                 path: path.to_path_buf(),
                 what: "footer (declared by the trailer)",

@@ -334,10 +334,28 @@ impl ImageReader {
         if &tb[0..8] != crate::footer::TRAILER_MAGIC {
             return Err(Error::MissingTrailer { path: p, size });
         }
-        let trailer = Trailer::decode(path, &tb, toff, data_start, size)?;
+        let trailer = Trailer::decode(path, &tb, toff, data_start, size).map_err(|e| name_misplaced(&file, e))?;
         let mut fb = vec![0u8; trailer.footer_len as usize];
         file.read_exact_at(&mut fb, trailer.footer_offset).map_err(|e| Error::io("read", path, e))?;
         if Hash32::of(&fb) != trailer.footer_hash {
+            // A footer that decodes, belongs to this header, whose root hash checks out and
+            // whose every entry agrees with the record it points to (prefix, runs, trailing
+            // hash) is intact: then the hash stored in the trailer is what was corrupted.
+            // (Not attempted for encrypted images: their root tag is only checkable with the key.)
+            let consistent = header.encryption.is_none()
+                && Footer::decode(path, &fb, trailer.footer_offset, data_start).is_ok_and(|f| {
+                    f.header_hash == preamble.hash
+                        && f.root_tag == Hash32::default()
+                        && compute_root(&f) == f.root
+                        && footer_matches_records(&file, &f)
+                });
+            if consistent {
+                return Err(Error::TrailerFooterHashMismatch {
+                    path: p,
+                    trailer_offset: toff,
+                    footer_offset: trailer.footer_offset,
+                });
+            }
             return Err(Error::FooterHashMismatch { path: p, offset: trailer.footer_offset, len: trailer.footer_len });
         }
         let footer = Footer::decode(path, &fb, trailer.footer_offset, data_start)?;
@@ -346,6 +364,13 @@ impl ImageReader {
                 path: p,
                 offset: trailer.footer_offset + 48,
                 reason: "the footer belongs to a different header".into(),
+            });
+        }
+        if header.encryption.is_none() && footer.root_tag != Hash32::default() {
+            return Err(Error::FooterCorrupt {
+                path: p,
+                offset: trailer.footer_offset + 176,
+                reason: "root tag is set but the image is not encrypted".into(),
             });
         }
         let layout = crate::layout::Layout::new(&header.ranges);
@@ -659,6 +684,52 @@ fn read_parallel(
         drop(rx);
         result
     })
+}
+
+/// Names which trailer field of a [`Error::FooterMisplaced`] is wrong by looking for the
+/// footer's magic at the declared offset (then the length is wrong) or where the declared
+/// length would put it (then the offset is wrong).
+fn name_misplaced(file: &File, e: Error) -> Error {
+    let Error::FooterMisplaced { path, trailer_offset, footer_offset, footer_len, .. } = e else {
+        return e;
+    };
+    let magic_at = |off: u64| {
+        let mut m = [0u8; 4];
+        off.checked_add(4).is_some_and(|end| end <= trailer_offset)
+            && file.read_exact_at(&mut m, off).is_ok()
+            && m == crate::footer::FOOTER_MAGIC
+    };
+    let field = if magic_at(footer_offset) {
+        "footer length"
+    } else if trailer_offset.checked_sub(footer_len).is_some_and(magic_at) {
+        "footer offset"
+    } else {
+        "footer offset or footer length"
+    };
+    Error::FooterMisplaced { path, trailer_offset, footer_offset, footer_len, field }
+}
+
+/// Whether every chunk entry and section location of `f` agrees with the record it points
+/// to: the chunk's index, runs and raw length in its prefix and the trailing hash of every
+/// record. Reads only prefixes and hashes (used to tell a corrupt trailer from a corrupt footer).
+fn footer_matches_records(file: &File, f: &Footer) -> bool {
+    let tail_is = |offset: u64, len: u64, want: &Hash32| {
+        let mut h = [0u8; HASH_LEN];
+        len >= HASH_LEN as u64 && file.read_exact_at(&mut h, offset + len - HASH_LEN as u64).is_ok() && h == want.0
+    };
+    let chunks_ok = f.chunks.iter().enumerate().all(|(i, c)| {
+        let plen = CHUNK_PREFIX_LEN + c.runs.len() * RUN_LEN;
+        if plen as u64 + HASH_LEN as u64 > c.record_len {
+            return false;
+        }
+        let mut b = vec![0u8; plen];
+        file.read_exact_at(&mut b, c.offset).is_ok()
+            && parse_chunk_prefix(&b)
+                .is_ok_and(|p| p.index as usize == i && p.raw_len as u64 == u64::from(c.data_pages) * PAGE_SIZE)
+            && decode_runs(&b[CHUNK_PREFIX_LEN..]).is_ok_and(|r| r == c.runs)
+            && tail_is(c.offset, c.record_len, &c.hash)
+    });
+    chunks_ok && tail_is(f.state.offset, f.state.len, &f.state.hash) && tail_is(f.cpus.offset, f.cpus.len, &f.cpus.hash)
 }
 
 /// Recomputes the root hash from the footer's hashes.

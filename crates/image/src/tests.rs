@@ -433,15 +433,71 @@ fn flipped_bit_in_footer_or_trailer_is_detected() {
     assert!(matches!(reopen_err(&path, None), Error::FooterHashMismatch { offset, .. } if offset == foff));
     flip(&path, foff + 300);
     let size = std::fs::metadata(&path).unwrap().len();
-    // The footer hash stored in the trailer.
+    // The footer hash stored in the trailer: the footer itself is intact, so the trailer's
+    // hash field is named.
     flip(&path, size - 10);
-    assert!(matches!(reopen_err(&path, None), Error::FooterHashMismatch { .. }));
+    let e = reopen_err(&path, None);
+    assert!(matches!(e, Error::TrailerFooterHashMismatch { footer_offset, .. } if footer_offset == foff), "{e}");
+    assert!(e.to_string().contains("footer hash field"), "{e}");
     flip(&path, size - 10);
-    // The footer length in the trailer.
+    // Too large a footer length in the trailer is beyond the file.
     flip(&path, size - TRAILER_LEN as u64 + 30);
     assert!(matches!(reopen_err(&path, None), Error::SizeExceedsFile { what, .. } if what.starts_with("footer")));
     flip(&path, size - TRAILER_LEN as u64 + 30);
     ImageReader::open(&path, None).unwrap();
+}
+
+#[test]
+fn flipped_trailer_footer_fields_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _, _) = sample(dir.path(), false);
+    let (_, _, foff) = layout_of(&path);
+    let size = std::fs::metadata(&path).unwrap().len();
+    let t = size - TRAILER_LEN as u64;
+    // Every single-bit flip of the low bytes of both fields that keeps offset + length inside
+    // the file must name the field, not claim the footer exceeds the file.
+    let (mut named_len, mut named_off) = (0, 0);
+    for (field_at, want) in [(t + 24, "footer length"), (t + 16, "footer offset")] {
+        for byte in 0..2u64 {
+            for bit in 0..8 {
+                let mut b = std::fs::read(&path).unwrap();
+                b[(field_at + byte) as usize] ^= 1 << bit;
+                let broken = dir.path().join("broken.img");
+                std::fs::write(&broken, &b).unwrap();
+                let e = reopen_err(&broken, None);
+                let msg = e.to_string();
+                match e {
+                    Error::FooterMisplaced { field, footer_offset, footer_len, .. } => {
+                        assert!(footer_offset.saturating_add(footer_len) <= size, "{msg}");
+                        assert_eq!(field, want, "{msg}");
+                        assert!(msg.contains(want) && !msg.contains("exceeds"), "{msg}");
+                        if want == "footer length" {
+                            named_len += 1;
+                        } else {
+                            named_off += 1;
+                        }
+                    }
+                    Error::SizeExceedsFile { offset, len, file_size, .. } => {
+                        assert!(offset.saturating_add(len) > file_size, "{msg}");
+                    }
+                    Error::TrailerCorrupt { .. } => assert!(msg.contains("before the end of the header"), "{msg}"),
+                    other => panic!("flip at {field_at}+{byte} bit {bit}: unexpected {other}"),
+                }
+            }
+        }
+    }
+    assert!(named_len >= 4 && named_off >= 4, "len {named_len} off {named_off}");
+    // A flip anywhere in the footer itself (offsets, lengths, runs, hashes) is the footer's
+    // fault, never blamed on the trailer's hash field.
+    let full = std::fs::read(&path).unwrap();
+    let broken = dir.path().join("broken.img");
+    for at in (foff..t).step_by(7) {
+        let mut b = full.clone();
+        b[at as usize] ^= 0x04;
+        std::fs::write(&broken, &b).unwrap();
+        let e = reopen_err(&broken, None);
+        assert!(matches!(e, Error::FooterHashMismatch { .. }), "flip at footer byte {}: {e}", at - foff);
+    }
 }
 
 #[test]

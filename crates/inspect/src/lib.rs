@@ -1,1 +1,26 @@
-//! ferry-inspect
+//! ferry-inspect: analysis of a VM's memory, offline (images) today and of
+//! running guests later.
+//!
+//! Everything reads guest-physical memory through [`PhysMem`], so the same
+//! page-table walker ([`translate`], [`maps`]), reader ([`read_phys`],
+//! [`read_virt`]) and scanner ([`scan`]) serve an image chain
+//! ([`ImageMem`]) or a plain buffer ([`BufMem`]). Results are `Serialize`
+//! structs so the CLI can print them for a person or as JSON.
+#![deny(missing_docs)]
+
+mod error;
+mod maps;
+mod mem;
+mod paging;
+mod read;
+mod scan;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::{Error, Result};
+pub use maps::{maps, MapRun, MapsReport, MAX_RUNS, MAX_TABLES};
+pub use mem::{BufMem, ImageMem, PhysMem};
+pub use paging::{translate, walk, Level, PageFlags, PagingContext, Step, Stop, StopReason, Translation};
+pub use read::{read_phys, read_virt, PhysRead, VirtPiece, VirtRead, MAX_READ};
+pub use scan::{scan, Literals, Match, Matcher, Pattern, ScanOptions, ScanReport, MAX_PATTERN};

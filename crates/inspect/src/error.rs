@@ -1,0 +1,84 @@
+//! The crate's error type: every failure says what was wrong and where
+//! (address, level, vCPU), so bad input is a message, never a panic.
+
+use crate::paging::Stop;
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong analysing guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading the image failed (corrupt chunk, wrong version, I/O...).
+    #[error(transparent)]
+    Image(#[from] ferry_image::Error),
+
+    /// A physical range the caller asked for is not guest RAM.
+    #[error("physical range {start:#x}..{end:#x} is outside guest memory (RAM: {ram})")]
+    OutsideMemory {
+        /// First address asked for.
+        start: u64,
+        /// End of the range asked for (exclusive).
+        end: u64,
+        /// The guest's RAM ranges, for the message.
+        ram: String,
+    },
+
+    /// The top-level page table (CR3) is not in guest RAM.
+    #[error("page-table root (CR3) {root:#x} is outside guest memory (RAM: {ram})")]
+    RootOutsideMemory {
+        /// The root table's physical address.
+        root: u64,
+        /// The guest's RAM ranges, for the message.
+        ram: String,
+    },
+
+    /// The vCPU index does not exist in the image.
+    #[error("vCPU {index} does not exist: the image has {count} vCPU(s)")]
+    NoSuchVcpu {
+        /// Index asked for.
+        index: usize,
+        /// vCPUs in the image.
+        count: usize,
+    },
+
+    /// The vCPU is not in 64-bit paging (4- or 5-level), the only mode the walker knows.
+    #[error("vCPU {vcpu}: not in x86-64 long-mode paging (cr0={cr0:#x} cr4={cr4:#x} efer={efer:#x}): {reason}")]
+    UnsupportedPaging {
+        /// The vCPU.
+        vcpu: usize,
+        /// Its CR0.
+        cr0: u64,
+        /// Its CR4.
+        cr4: u64,
+        /// Its EFER.
+        efer: u64,
+        /// Which bit is missing.
+        reason: &'static str,
+    },
+
+    /// A virtual address does not translate; the stop says at which level and why.
+    #[error("virtual address {:#x}: {stop}", stop.va)]
+    NotMapped {
+        /// Where and why the walk stopped.
+        stop: Box<Stop>,
+    },
+
+    /// A search pattern cannot be used.
+    #[error("invalid pattern {pattern:?}: {reason}")]
+    BadPattern {
+        /// The pattern as given.
+        pattern: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A length argument is out of bounds.
+    #[error("invalid length {len}: {reason}")]
+    BadLength {
+        /// The length asked for.
+        len: u64,
+        /// The bound it breaks.
+        reason: String,
+    },
+}
