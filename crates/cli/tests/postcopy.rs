@@ -245,3 +245,54 @@ fn a_postcopy_whose_link_is_cut_pauses_on_both_sides_and_resume_finishes_it() {
     assert_eq!(v["postcopy"]["destination"]["resumes"], 1, "{v}");
     check_destination(&mut src, &mut dst, &dsock, "1");
 }
+
+/// Starts a post-copy of a guest with ~200 MiB of incompressible pages
+/// (all deferred) and waits until the destination runs it.
+fn postcopy_under_way() -> (Guest, PathBuf, Guest, PathBuf, std::thread::JoinHandle<std::process::Output>) {
+    let (mut src, ssock) = running_guest_with("dirty wss=8 rate=max report=50 fill=random mem=200", "256M", &[]);
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &[]);
+    src.wait_line("PROGRESS", secs(60));
+    let s = ssock.clone();
+    let t = std::thread::spawn(move || {
+        migrate(
+            &s,
+            &addr,
+            &["--mode", "postcopy", "--compress", "none", "--peer-timeout-ms", "5000", "--max-bandwidth", "100M"],
+        )
+    });
+    dst.wait_stderr("received VM", secs(60));
+    (src, ssock, dst, dsock, t)
+}
+
+#[test]
+fn the_destination_dying_during_postcopy_is_reported_loudly_and_the_source_keeps_its_copy_paused() {
+    let (src, ssock, mut dst, _dsock, t) = postcopy_under_way();
+    dst.child.kill().unwrap();
+    let o = t.join().unwrap();
+    assert!(!o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("post-copy lost its link"), "{e}");
+    // The guest ran at the destination: the source must never run it again on
+    // its own, and keeps its memory for a resume that cannot come.
+    assert_eq!(http_get(&ssock, "/vm/migration")["state"], "postcopy-paused");
+    assert_eq!(api("status", &ssock)["state"], "paused");
+    let o = ferry_cmd(&["resume", "--api-sock", ssock.to_str().unwrap()]);
+    assert!(!o.status.success(), "a guest that ran elsewhere is not resumed here");
+    let o = ferry_cmd(&["migrate", "--api-sock", ssock.to_str().unwrap(), "--resume", "--json"]);
+    assert!(!o.status.success(), "there is no destination to resume to");
+    assert_eq!(http_get(&ssock, "/vm/migration")["state"], "postcopy-paused", "a failed resume can be retried");
+    drop(src);
+}
+
+#[test]
+fn the_source_dying_during_postcopy_is_reported_loudly_at_the_destination() {
+    let (mut src, _ssock, mut dst, dsock, t) = postcopy_under_way();
+    src.child.kill().unwrap();
+    let _ = t.join();
+    let l = dst.wait_stderr("post-copy link lost", secs(30));
+    assert!(l.contains("waits for its missing pages"), "{l}");
+    // The destination stays up and answers, reporting the paused post-copy.
+    let st = api("status", &dsock);
+    assert!(st["state"].is_string(), "{st}");
+    drop(dst);
+}

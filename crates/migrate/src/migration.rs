@@ -914,6 +914,24 @@ pub fn resume_postcopy(
     ctx: &mut PostcopyResume,
     progress: &ProgressHandle,
 ) -> Result<MigrationStats, MigrationError> {
+    // Whatever fails, the guest stays committed to the destination and its
+    // missing pages stay here: the post-copy is still paused, and a later
+    // resume may succeed.
+    resume_postcopy_once(vm, vm_id, ctx, progress).map_err(|e| {
+        progress.lock().unwrap().state = Some(MigrationState::PostcopyPaused);
+        match e {
+            MigrationError::PostcopyPaused(_) => e,
+            other => MigrationError::PostcopyPaused(format!("the resume failed: {other}")),
+        }
+    })
+}
+
+fn resume_postcopy_once(
+    vm: &Arc<Vm>,
+    vm_id: &str,
+    ctx: &mut PostcopyResume,
+    progress: &ProgressHandle,
+) -> Result<MigrationStats, MigrationError> {
     let t0 = Instant::now();
     let route = Route::of(&ctx.request)?;
     progress.lock().unwrap().state = Some(MigrationState::PostcopyActive);
