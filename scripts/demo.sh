@@ -3,13 +3,14 @@
 # workload, pause/resume it, take the memory digest, snapshot it live,
 # restore the image in a second VMM and compare digests, verify every page,
 # migrate it live over mutual TLS to a third ferry (digests compared at both
-# ends), verify every page there, shut down gracefully, and print what
-# happened.
+# ends), verify every page there, migrate it on in hybrid mode (pre-copy
+# rounds, then post-copy) over two streams to a fourth, verify again, shut
+# down gracefully, and print what happened.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p ferry
 ferry=target/release/ferry
-work=$(mktemp -d); trap 'kill $pid ${rpid:-} ${dpid:-} 2>/dev/null || true; rm -rf "$work"' EXIT
+work=$(mktemp -d); trap 'kill $pid ${rpid:-} ${dpid:-} ${epid:-} 2>/dev/null || true; rm -rf "$work"' EXIT
 sock=$work/api.sock
 say() { printf '\n== %s\n' "$*"; }
 
@@ -43,7 +44,7 @@ echo "restored guest: $(grep VERIFY "$work/restored.log" | tail -n 1)"
 $ferry shutdown --api-sock "$work/r.sock" >/dev/null; wait $rpid || true
 $ferry image inspect "$work/vm.img" | head -n 8
 
-say "live migration over mutual TLS: a CA and one certificate per host, then a destination that waits"
+say "live migration over mutual TLS: a CA and one certificate per host, then a destination that waits (--verify-digest hashes all memory at both ends inside the pause)"
 $ferry certs init --dir "$work/pki" >/dev/null
 $ferry certs issue --dir "$work/pki" --name src >/dev/null
 $ferry certs issue --dir "$work/pki" --name 127.0.0.1 >/dev/null
@@ -69,10 +70,23 @@ say "ask the migrated guest to verify every page"
 $ferry console --api-sock "$work/d.sock" verify >/dev/null
 for _ in $(seq 100); do grep -q VERIFY "$work/dest.log" && break; sleep 0.1; done
 grep VERIFY "$work/dest.log" | tail -n 1
+
+say "migrate it on: hybrid (pre-copy rounds, then post-copy: the guest moves first, its last pages follow) over two streams"
+$ferry receive --listen "unix://$work/m2.sock" --api-sock "$work/e.sock" --serial "file:$work/e.log" \
+  2>"$work/receive2.log" &
+epid=$!
+for _ in $(seq 100); do grep -q "waiting for a migration" "$work/receive2.log" 2>/dev/null && break; sleep 0.1; done
+$ferry migrate --api-sock "$work/d.sock" --to "unix://$work/m2.sock" --mode hybrid --streams 2
+set +e; wait $dpid; set -e
+for _ in $(seq 100); do grep -q PROGRESS "$work/e.log" 2>/dev/null && break; sleep 0.1; done
+echo "first line on the fourth ferry: $(grep PROGRESS "$work/e.log" | head -n 1)"
+$ferry console --api-sock "$work/e.sock" verify >/dev/null
+for _ in $(seq 100); do grep -q VERIFY "$work/e.log" && break; sleep 0.1; done
+grep VERIFY "$work/e.log" | tail -n 1
 say "graceful shutdown (Ctrl-Alt-Del): the guest verifies again and exits with its status"
-$ferry shutdown --api-sock "$work/d.sock" >/dev/null
-set +e; wait $dpid; status=$?; set -e
-tail -n 2 "$work/dest.log"; tail -n 1 "$work/receive.log"
+$ferry shutdown --api-sock "$work/e.sock" >/dev/null
+set +e; wait $epid; status=$?; set -e
+tail -n 2 "$work/e.log"; tail -n 1 "$work/receive2.log"
 say "figures"
 cat "$work/report.json"
 echo; echo "ferry exit status: $status"
