@@ -7,7 +7,7 @@ pub(crate) const PAGE: u64 = 4096;
 /// empty series prints as NaN rather than as a plausible zero.
 pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s.sort_by(|a, b| a.total_cmp(b));
     if s.is_empty() {
         f64::NAN
     } else {

@@ -108,6 +108,10 @@ pub struct RunArgs {
     /// CPU template: host (all KVM supports) or minimal (hides CX16, XSAVE, AVX, PCID).
     #[arg(long, default_value = "host")]
     pub cpu_template: CpuTemplate,
+    /// Back guest RAM with memfds (shared memory), so that `ferry migrate
+    /// --local` can hand it to a new ferry process instead of copying it.
+    #[arg(long)]
+    pub memfd: bool,
     /// Serial port: stdio, file:PATH, unix:PATH (connect to a listening socket) or none.
     #[arg(long, default_value = "stdio")]
     pub serial: String,
@@ -196,6 +200,11 @@ struct MigrateArgs {
     /// postcopy-paused), over a new connection to the same destination.
     #[arg(long, conflicts_with = "to")]
     resume: bool,
+    /// Local migration (to a `ferry receive` on a unix socket of this host):
+    /// hand guest RAM over as memfds instead of copying it, so the guest's
+    /// stop does not grow with its memory (the VM must run with --memfd).
+    #[arg(long)]
+    local: bool,
     /// precopy (rounds while the guest runs, then stop-and-copy), postcopy
     /// (the guest moves at once; pages follow on first touch and in the
     /// background) or hybrid (pre-copy rounds, then post-copy). Post-copy
@@ -448,6 +457,7 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
                 verify_digest: a.verify_digest,
                 peer_timeout_ms: a.peer_timeout_ms,
                 no_throttle: a.no_throttle,
+                local: a.local,
             };
             let progress = progress_printer(a.api_sock.clone(), a.json);
             let v = api(&a.api_sock, "PUT", "/vm/migrate", Some(serde_json::to_value(&req)?));
@@ -682,6 +692,7 @@ fn run(args: RunArgs, start: Instant) -> Result<u8> {
         cmdline: args.cmdline.clone(),
         cpu_template: args.cpu_template,
         serial_out: out,
+        memfd: args.memfd,
     };
     let vm = Arc::new(Vm::boot(cfg, start)?);
     let ctl = VmController::new(vm, None, None);

@@ -626,3 +626,55 @@ fn a_recorded_migration_replayed_to_another_destination_is_refused() {
     assert!(o.status.success());
     assert_eq!(dst.wait_exit(secs(30)).code(), Some(0));
 }
+
+/// `ferry receive` and `ferry migrate --local`: the memory is handed over.
+fn local_migration(mem: &str) -> serde_json::Value {
+    let (mut src, ssock) =
+        running_guest_with("dirty wss=8 rate=max report=50 fill=random mem=32", mem, &["--memfd", "--vcpus", "2"]);
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &[]);
+    src.wait_line("PROGRESS", secs(30));
+    let o = migrate(&ssock, &addr, &["--local"]);
+    assert!(o.status.success(), "local migrate failed: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "completed", "{v}");
+    assert_eq!(v["local"], true, "{v}");
+    // No page crossed the socket: a few KiB of handshake and state.
+    assert!(v["bytes_sent"].as_u64().unwrap() < 256 << 10, "{v}");
+    assert_eq!(v["pages_normal"], 0, "{v}");
+    assert_eq!(src.wait_exit(secs(30)).code(), Some(0));
+    let p = dst.wait_line("PROGRESS", secs(30));
+    let last_src = *seqs(&src.seen).last().expect("source printed progress");
+    let first_dst = field(&p, "seq").unwrap();
+    assert!(
+        first_dst == last_src + 1 || first_dst == last_src + 2,
+        "source ended at {last_src}, destination began at {first_dst}"
+    );
+    dst.send_line("verify");
+    let ok = dst.wait_line("VERIFY", secs(30));
+    assert!(ok.starts_with("VERIFY OK"), "{ok}");
+    let o = ferry_cmd(&["shutdown", "--api-sock", dsock.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert_eq!(dst.wait_exit(secs(30)).code(), Some(0));
+    eprintln!("local migration of {mem}: downtime {} ms, {} bytes", v["downtime_ms"], v["bytes_sent"]);
+    v
+}
+
+#[test]
+fn a_local_migration_hands_the_memory_over_at_any_size() {
+    local_migration("128M");
+    local_migration("1G");
+}
+
+#[test]
+fn a_local_migration_needs_memfd_memory_and_a_unix_socket() {
+    let (mut src, ssock) = running_guest("dirty wss=4 rate=max report=50", "64M");
+    let (_dst, _dsock, addr) = receiver("unix://DIR/mig.sock", &[]);
+    let o = migrate(&ssock, &addr, &["--local"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("--memfd"), "{e}");
+    let o = migrate(&ssock, "tcp://127.0.0.1:9", &["--local", "--insecure"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unix"), "{}", String::from_utf8_lossy(&o.stderr));
+    source_still_fine(&mut src, &ssock);
+}

@@ -10,6 +10,7 @@
 pub mod certs;
 pub mod control;
 pub mod lazy;
+pub mod local;
 pub mod migration;
 pub mod plot;
 pub mod postcopy;

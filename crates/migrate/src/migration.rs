@@ -43,7 +43,10 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Capabilities this build understands.
-pub const CAPABILITIES: &[&str] = &[CAP_DIGEST, CAP_POSTCOPY, CAP_ZSTD];
+pub const CAPABILITIES: &[&str] = &[CAP_DIGEST, CAP_POSTCOPY, CAP_ZSTD, CAP_LOCAL];
+
+/// Guest RAM is passed as memfd descriptors over a unix socket, not copied.
+pub const CAP_LOCAL: &str = "local-memory";
 
 /// The destination hashes the received memory and returns the digest in
 /// `Ready`; the source refuses to commit if it differs from its own.
@@ -138,6 +141,10 @@ pub struct MigrateRequest {
     /// link carries it makes the migration give up instead of being slowed.
     #[serde(default)]
     pub no_throttle: bool,
+    /// Local migration: hand guest RAM (memfds) to the destination on this
+    /// host instead of copying it; needs `unix://` and `ferry run --memfd`.
+    #[serde(default)]
+    pub local: bool,
 }
 
 /// Most page streams one migration may use.
@@ -230,6 +237,9 @@ pub struct MigrationStats {
     /// Bytes sent on each page stream, the main one first (`--streams`).
     #[serde(default)]
     pub stream_bytes: Vec<u64>,
+    /// A local migration: the memory was handed over, not copied.
+    #[serde(default)]
+    pub local: bool,
 }
 
 /// The post-copy phase as the source saw it, with the destination's own
@@ -613,6 +623,23 @@ pub fn migrate_out(
         ));
     }
     let route = Route::of(req)?;
+    if req.local {
+        if !matches!((&route.addr, &route.security), (Address::Unix(_), ClientSecurity::Insecure)) {
+            return Err(MigrationError::Invalid(
+                "local migration passes guest memory over a unix socket without TLS: use --to unix://PATH".into(),
+            ));
+        }
+        if vm.ram().memfds().is_empty() {
+            return Err(MigrationError::Invalid(
+                "local migration hands over memfd-backed guest memory; this VM's memory is anonymous (start it with `ferry run --memfd`)".into(),
+            ));
+        }
+        if postcopy || streams > 1 {
+            return Err(MigrationError::Invalid(
+                "local migration moves no pages: it takes no --mode or --streams".into(),
+            ));
+        }
+    }
     let set = |st: MigrationState| progress.lock().unwrap().state = Some(st);
     set(MigrationState::Setup);
 
@@ -659,6 +686,18 @@ pub fn migrate_out(
         let cap = req.max_bandwidth.and_then(|b| Bandwidth::from_bytes_per_s(b.bytes_per_s() / streams as u64).ok());
         workers.push(StreamWorker::start(vm.ram().clone(), sw, req.compress, cap)?);
     }
+    if req.local {
+        // The memory itself goes over, while the guest still runs here; the
+        // destination maps it and builds its VM, then says so.
+        let (_, mut fw) = route.join(&migration_id, vm_id, crate::local::FD_STREAM)?;
+        let fd = fw.get_mut().unix_fd().ok_or_else(|| MigrationError::Invalid("not a plain unix socket".into()))?;
+        crate::local::send_fds(fd, vm.ram().memfds()).map_err(WireError::Io)?;
+        match r.recv()? {
+            Message::MemoryMapped => {}
+            Message::Abort(why) => return Err(MigrationError::PeerAborted(why.reason)),
+            other => return Err(MigrationError::Wire(unexpected(0, "MemoryMapped", &other))),
+        }
+    }
     let setup_ms = ms(t0.elapsed());
     set(MigrationState::Active);
 
@@ -695,7 +734,7 @@ pub fn migrate_out(
             workers: &workers,
             next: 0,
         };
-        let precopied = precopy(vm, &mut sink, &cfg);
+        let precopied = if req.local { pause_for_state(vm) } else { precopy(vm, &mut sink, &cfg) };
         let (marks, waited) = (std::mem::take(&mut sink.marks), sink.pace.as_ref().map(|b| b.waited));
         let (state, mut pre) = precopied.map_err(|e| explain(e, &mut r))?;
         // Every extra stream's last pages are out before the state.
@@ -753,6 +792,7 @@ pub fn migrate_out(
         }
     };
     stats.mode = req.mode;
+    stats.local = req.local;
     let extra: Vec<u64> = workers.iter().map(|wk| wk.bytes.load(std::sync::atomic::Ordering::Relaxed)).collect();
     drop(workers);
     stats.stream_bytes = std::iter::once(w.bytes).chain(extra.iter().copied()).collect();
@@ -793,6 +833,28 @@ pub fn migrate_out(
     stats.bytes_received = r.bytes;
     stats.state = MigrationState::Completed;
     Ok(stats)
+}
+
+/// A local migration's stop: pause and capture the state; no page moves
+/// (the destination maps the same memory). The guest stays paused.
+fn pause_for_state(vm: &Arc<Vm>) -> crate::Result<(VmState, crate::PrecopyStats)> {
+    let t = Instant::now();
+    vm.pause()?;
+    let state = match vm.save_state() {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = vm.resume();
+            return Err(e.into());
+        }
+    };
+    let stats = crate::PrecopyStats {
+        state_ms: ms(t.elapsed()),
+        pause_ms: ms(t.elapsed()),
+        total_ms: ms(t.elapsed()),
+        stop_reason: StopReason::Paused,
+        ..Default::default()
+    };
+    Ok((state, stats))
 }
 
 fn count_bits(set: &[Vec<u64>]) -> u64 {
@@ -1053,6 +1115,7 @@ fn finish_stats(
         mode: MigrationMode::Precopy,
         postcopy: None,
         stream_bytes: Vec::new(),
+        local: false,
         compress: WireCodec::default(),
         max_bandwidth: None,
         bandwidth_wait_ms: 0.0,
@@ -1070,6 +1133,9 @@ fn proposed_capabilities(req: &MigrateRequest) -> Vec<String> {
     }
     if req.mode != MigrationMode::Precopy {
         caps.push(CAP_POSTCOPY.to_string());
+    }
+    if req.local {
+        caps.push(CAP_LOCAL.to_string());
     }
     caps
 }
@@ -1221,6 +1287,7 @@ fn check_hello(h: &Hello) -> Result<CpuTemplate, String> {
 /// said `Go`.
 pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, MigrationError> {
     let (conn, peer) = listener.accept(opts.accept_timeout)?;
+    let kind = conn.kind();
     let t0 = Instant::now();
     let accept_timeout = opts.accept_timeout;
     conn.set_timeouts(Some(opts.peer_timeout), Some(opts.peer_timeout))?;
@@ -1237,6 +1304,9 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         Ok(t) => t,
         Err(why) => return Err(refuse(&mut w, why)),
     };
+    if hello.capabilities.iter().any(|c| c == CAP_LOCAL) && kind != transport::TransportKind::Unix {
+        return Err(refuse(&mut w, "local migration needs a unix socket without TLS".into()));
+    }
     if hello.capabilities.iter().any(|c| c == CAP_POSTCOPY) {
         if let Err(e) = ferry_vmm::uffd::Uffd::new(0) {
             return Err(refuse(&mut w, format!("post-copy needs userfaultfd on this host, which failed: {e}")));
@@ -1271,6 +1341,31 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         }
     }
     let mut pages_in: Option<Arc<PostcopyIncoming>> = None;
+    let local = hello.capabilities.iter().any(|c| c == CAP_LOCAL);
+    let mut local_ram: Option<Arc<GuestRam>> = None;
+    if local {
+        let got = (|| -> Result<Arc<GuestRam>, MigrationError> {
+            let (mut fr, _) = accept_join(
+                listener,
+                accept_timeout,
+                opts.peer_timeout,
+                &hello.migration_id,
+                &hello.vm_id,
+                crate::local::FD_STREAM,
+            )?;
+            let fd = fr
+                .get_mut()
+                .unix_fd()
+                .ok_or_else(|| MigrationError::Mismatch("local migration needs a unix socket without TLS".into()))?;
+            let ranges = ferry_vmm::layout::ram_ranges(hello.mem_bytes).len();
+            let files = crate::local::recv_fds(fd, ranges, opts.peer_timeout).map_err(WireError::Io)?;
+            Ok(Arc::new(GuestRam::from_memfds(hello.mem_bytes, files).map_err(crate::Error::Vm)?))
+        })();
+        match got {
+            Ok(ram) => local_ram = Some(ram),
+            Err(e) => return Err(refuse(&mut w, format!("the guest's memory did not arrive: {e}"))),
+        }
+    }
 
     let result = (|| -> Result<Received, MigrationError> {
         // Everything that does not need the state is built now, outside the downtime.
@@ -1283,8 +1378,13 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
             opts.serial_out,
             opts.process_start,
             format!("migration {} from {}", hello.migration_id, peer.addr),
+            local_ram.take(),
         )
         .map_err(crate::Error::Vm)?;
+        if local {
+            w.send(&Message::MemoryMapped).map_err(WireError::Io)?;
+            w.flush().map_err(WireError::Io)?;
+        }
         let ram = prepared.ram().clone();
         let ranges: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.gpa, r.len)).collect();
         let mut needed = postcopy.then(|| crate::postcopy::empty_set(&ranges));
@@ -1292,6 +1392,12 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
             if extra.is_empty() { None } else { Some(StreamReceivers::start(&ram, std::mem::take(&mut extra))?) };
         let state_bytes = loop {
             match r.recv()? {
+                Message::Pages { .. } | Message::Zero { .. } if local => {
+                    return Err(MigrationError::Wire(WireError::BadFrame {
+                        seq: stats.page_frames,
+                        what: "pages in a local migration, whose memory is shared".into(),
+                    }));
+                }
                 Message::Needed { gpa, npages, bitmap } => {
                     let Some(set) = needed.as_mut() else {
                         return Err(MigrationError::Wire(WireError::BadFrame {

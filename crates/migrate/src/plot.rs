@@ -680,6 +680,7 @@ mod tests {
             mode: MigrationMode::Precopy,
             postcopy: None,
             stream_bytes: Vec::new(),
+            local: false,
             compress: crate::wire::WireCodec::Lz4,
             max_bandwidth: None,
             bandwidth_wait_ms: 0.0,

@@ -718,6 +718,15 @@ impl Write for Transport {
 }
 
 impl TransportReader {
+    /// The socket of a plain unix connection (no TLS), for passing file
+    /// descriptors beside the stream (a local migration's guest memory).
+    pub fn unix_fd(&self) -> Option<RawFd> {
+        match (&self.shared.sock, &self.shared.tls) {
+            (Sock::Unix(s), None) => Some(s.as_raw_fd()),
+            _ => None,
+        }
+    }
+
     /// Limit how long one read may block (None: forever; zero is refused).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<()> {
         let s = &self.shared;
@@ -798,6 +807,14 @@ impl Read for TransportReader {
 }
 
 impl TransportWriter {
+    /// The socket of a plain unix connection (no TLS), for passing file descriptors.
+    pub fn unix_fd(&self) -> Option<RawFd> {
+        match (&self.shared.sock, &self.shared.tls) {
+            (Sock::Unix(s), None) => Some(s.as_raw_fd()),
+            _ => None,
+        }
+    }
+
     /// Limit how long one write may block (None: forever; zero is refused).
     pub fn set_write_timeout(&self, t: Option<Duration>) -> Result<()> {
         let s = &self.shared;

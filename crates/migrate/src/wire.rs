@@ -76,6 +76,9 @@ pub enum Kind {
     Complete = 16,
     /// The first frame of a connection that resumes a paused post-copy.
     Resume = 17,
+    /// Local migration, destination → source: the memory descriptors are
+    /// mapped and the VM is built; the source may pause the guest.
+    MemoryMapped = 18,
 }
 
 impl Kind {
@@ -98,6 +101,7 @@ impl Kind {
             15 => Kind::PushDone,
             16 => Kind::Complete,
             17 => Kind::Resume,
+            18 => Kind::MemoryMapped,
             _ => return None,
         })
     }
@@ -442,6 +446,8 @@ pub enum Message {
     Complete(PostcopyFigures),
     /// See [`Resume`].
     Resume(Resume),
+    /// Local migration: the destination has mapped the guest's memory.
+    MemoryMapped,
 }
 
 impl Message {
@@ -465,6 +471,7 @@ impl Message {
             Message::PushDone { .. } => Kind::PushDone,
             Message::Complete(_) => Kind::Complete,
             Message::Resume(_) => Kind::Resume,
+            Message::MemoryMapped => Kind::MemoryMapped,
         }
     }
 
@@ -585,14 +592,14 @@ impl Message {
                 }
                 Message::State(p.to_vec())
             }
-            Kind::Go | Kind::Running => {
+            Kind::Go | Kind::Running | Kind::MemoryMapped => {
                 if !p.is_empty() {
                     return Err(bad(format!("{} payload bytes where none belong", p.len())));
                 }
-                if kind == Kind::Go {
-                    Message::Go
-                } else {
-                    Message::Running
+                match kind {
+                    Kind::Go => Message::Go,
+                    Kind::Running => Message::Running,
+                    _ => Message::MemoryMapped,
                 }
             }
         })
@@ -651,7 +658,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             out.extend_from_slice(&pages.to_le_bytes());
         }
         Message::State(s) => out.extend_from_slice(s),
-        Message::Go | Message::Running => {}
+        Message::Go | Message::Running | Message::MemoryMapped => {}
         Message::Join(x) => j(out, x),
         Message::Complete(x) => j(out, x),
         Message::Resume(x) => j(out, x),
@@ -886,6 +893,7 @@ mod tests {
             Message::PushDone { pages: 9 },
             Message::Complete(PostcopyFigures { faults: 3, ..Default::default() }),
             Message::Resume(Resume { migration_id: "ab".into(), vm_id: "vm".into() }),
+            Message::MemoryMapped,
         ]
     }
 
@@ -1144,7 +1152,7 @@ mod tests {
             // Payload decoders directly, without tags, on random bytes.
             let len = (next() % 64) as usize;
             let p: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            for k in 1..=17u16 {
+            for k in 1..=18u16 {
                 let _ = Message::decode(0, Kind::from_u16(k).unwrap(), &p);
             }
         }

@@ -1,7 +1,12 @@
-//! Guest RAM: anonymous host mappings registered with KVM, and the BLAKE3
-//! digest that proves a snapshot or migration carried memory over intact.
+//! Guest RAM: host mappings registered with KVM (anonymous, or memfd-backed
+//! so that a local migration can hand the memory itself to a new ferry
+//! process), and the BLAKE3 digest that proves a snapshot or migration
+//! carried memory over intact.
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout;
 use crate::Error;
@@ -11,6 +16,8 @@ use crate::Error;
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     regions: Vec<RamRegion>,
+    /// One memfd per region when the memory is shared (empty: anonymous).
+    memfds: Vec<File>,
 }
 
 /// One contiguous RAM range: guest-physical start, length, host address.
@@ -46,6 +53,61 @@ impl RamRegion {
 impl GuestRam {
     /// Maps `mem_bytes` of guest RAM laid out around the MMIO gap.
     pub fn new(mem_bytes: u64) -> Result<Self, Error> {
+        Self::map(mem_bytes, Vec::new())
+    }
+
+    /// Maps `mem_bytes` of guest RAM backed by one memfd per region
+    /// (`MAP_SHARED`): another process given the memfds sees the same
+    /// memory, which is what a local migration passes instead of copying it.
+    pub fn new_memfd(mem_bytes: u64) -> Result<Self, Error> {
+        let mut files = Vec::new();
+        for (_, len) in layout::ram_ranges(mem_bytes) {
+            // SAFETY: a NUL-terminated name; the result is checked.
+            let fd = unsafe { libc::memfd_create(c"ferry-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(Error::InvalidMemorySize {
+                    bytes: mem_bytes,
+                    why: format!("memfd_create failed: {}", std::io::Error::last_os_error()),
+                });
+            }
+            // SAFETY: a fresh descriptor we own.
+            let f = unsafe { File::from_raw_fd(fd) };
+            f.set_len(len).map_err(|e| Error::InvalidMemorySize {
+                bytes: mem_bytes,
+                why: format!("sizing the guest memory memfd to {len} bytes: {e}"),
+            })?;
+            files.push(f);
+        }
+        Self::map(mem_bytes, files)
+    }
+
+    /// Maps guest RAM from memfds another ferry process created (a local
+    /// migration). Each must be a memfd of exactly its region's length.
+    pub fn from_memfds(mem_bytes: u64, files: Vec<File>) -> Result<Self, Error> {
+        let ranges = layout::ram_ranges(mem_bytes);
+        let bad = |why: String| Error::InvalidMemorySize { bytes: mem_bytes, why };
+        if files.len() != ranges.len() {
+            return Err(bad(format!("{} memory descriptors for {} RAM ranges", files.len(), ranges.len())));
+        }
+        for (i, (f, (_, len))) in files.iter().zip(&ranges).enumerate() {
+            // SAFETY: F_GET_SEALS only reads; it fails with EINVAL on anything but a memfd.
+            if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) } < 0 {
+                return Err(bad(format!("memory descriptor {i} is not a memfd")));
+            }
+            let size = f.metadata().map_err(|e| bad(format!("memory descriptor {i}: {e}")))?.len();
+            if size != *len {
+                return Err(bad(format!("memory descriptor {i} holds {size} bytes; its RAM range has {len}")));
+            }
+        }
+        Self::map(mem_bytes, files)
+    }
+
+    /// The memfds backing guest RAM, one per region; empty for anonymous memory.
+    pub fn memfds(&self) -> &[File] {
+        &self.memfds
+    }
+
+    fn map(mem_bytes: u64, memfds: Vec<File>) -> Result<Self, Error> {
         if mem_bytes == 0 {
             return Err(Error::InvalidMemorySize { bytes: 0, why: "memory size must be greater than zero".into() });
         }
@@ -68,14 +130,23 @@ impl GuestRam {
                 ),
             });
         }
-        let ranges: Vec<(GuestAddress, usize)> =
-            layout::ram_ranges(mem_bytes).into_iter().map(|(s, l)| (GuestAddress(s), l as usize)).collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::InvalidMemorySize {
+        let mut ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = Vec::new();
+        for (i, (s, l)) in layout::ram_ranges(mem_bytes).into_iter().enumerate() {
+            let fo = match memfds.get(i) {
+                Some(f) => Some(FileOffset::new(
+                    f.try_clone().map_err(|e| Error::InvalidMemorySize { bytes: mem_bytes, why: e.to_string() })?,
+                    0,
+                )),
+                None => None,
+            };
+            ranges.push((GuestAddress(s), l as usize, fo));
+        }
+        let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| Error::InvalidMemorySize {
             bytes: mem_bytes,
             why: format!("the host cannot map that much memory: {e}"),
         })?;
         let regions = mem.iter().map(|r| RamRegion { gpa: r.start_addr().0, len: r.len(), host: r.as_ptr() }).collect();
-        Ok(GuestRam { mem, regions })
+        Ok(GuestRam { mem, regions, memfds })
     }
 
     /// The `vm-memory` view, for loaders.
@@ -120,7 +191,28 @@ impl GuestRam {
     /// stale pages fault so that their current contents are fetched.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<(), Error> {
         let p = self.host_range(gpa, len).ok_or(Error::GuestAddress { gpa, len })?;
-        // SAFETY: a checked, page-aligned range of our own anonymous mapping.
+        if let Some((f, off)) = self
+            .regions
+            .iter()
+            .zip(&self.memfds)
+            .find(|(r, _)| gpa >= r.gpa && gpa + len <= r.end())
+            .map(|(r, f)| (f, gpa - r.gpa))
+        {
+            // Shared memory keeps its pages in the memfd: punch them out there.
+            // SAFETY: a checked range of our own memfd.
+            let rc = unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if rc != 0 {
+                return Err(Error::GuestAddress { gpa, len });
+            }
+        }
+        // SAFETY: a checked, page-aligned range of our own mapping.
         let rc = unsafe { libc::madvise(p as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) };
         if rc != 0 {
             return Err(Error::GuestAddress { gpa, len });

@@ -42,6 +42,9 @@ pub struct VmConfig {
     pub cpu_template: CpuTemplate,
     /// Serial output sink.
     pub serial_out: SerialOut,
+    /// Back guest RAM with memfds (shared mappings) so that a local
+    /// migration can hand the memory to a new ferry process.
+    pub memfd: bool,
 }
 
 /// Why the guest stopped.
@@ -254,7 +257,8 @@ impl Vm {
     /// Creates the VM, loads the kernel and starts all vCPUs.
     /// `process_start` anchors the boot timestamps.
     pub fn boot(config: VmConfig, process_start: Instant) -> Result<Vm, Error> {
-        let parts = Parts::new(config.mem_bytes, config.vcpus, false, None)?;
+        let ram = if config.memfd { Some(Arc::new(GuestRam::new_memfd(config.mem_bytes)?)) } else { None };
+        let parts = Parts::new(config.mem_bytes, config.vcpus, false, ram)?;
         let entry = boot::load(
             &parts.ram,
             &BootConfig {
@@ -361,8 +365,9 @@ impl Vm {
         serial_out: SerialOut,
         process_start: Instant,
         source: String,
+        ram: Option<Arc<GuestRam>>,
     ) -> Result<PreparedVm, Error> {
-        let parts = Parts::new(mem_bytes, vcpus, true, None)?;
+        let parts = Parts::new(mem_bytes, vcpus, true, ram)?;
         let vm =
             parts.finish(vcpus, template, tsc_khz, serial_out, process_start, None, source, cmdline, |_, _| Ok(()))?;
         Ok(PreparedVm { vm })

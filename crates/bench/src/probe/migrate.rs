@@ -44,8 +44,9 @@ pub struct MigrateBenchArgs {
     /// memory ~200x) and/or `random` (whole pages of incompressible data).
     #[arg(long, default_value = "word,random", value_delimiter = ',')]
     pub(crate) fills: Vec<String>,
-    /// TRANSPORT:CODEC pairs: transport unix, tcp (`--insecure`) or tls
-    /// (mutual TLS 1.3); codec lz4, zstd or none. The first runs on every guest
+    /// TRANSPORT:CODEC[:MODE][:xN]: transport unix, tcp (`--insecure`) or tls
+    /// (mutual TLS 1.3); codec lz4, zstd or none; mode precopy (default),
+    /// postcopy or hybrid; xN for N page streams. The first runs on every guest
     /// (and is what the QEMU ratios use, with tcp:none beside it where it
     /// ran); all of them run on the guests of --compare-mems.
     #[arg(long, default_value = "tcp:lz4,tcp:none,unix:lz4,tls:lz4", value_delimiter = ',')]
@@ -124,31 +125,57 @@ impl Codec {
     }
 }
 
-/// One transport and codec.
+/// One transport, codec, mode and stream count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub(crate) struct Config {
     /// The stream.
     pub(crate) transport: Link,
     /// The wire codec.
     pub(crate) compress: Codec,
+    /// `precopy`, `postcopy` or `hybrid` (`ferry migrate --mode`).
+    pub(crate) mode: &'static str,
+    /// `ferry migrate --streams`.
+    pub(crate) streams: u32,
 }
 
 impl Config {
+    /// `TRANSPORT[:CODEC[:MODE][:xN]]`, e.g. `tcp:lz4`, `tls:lz4:hybrid`, `tcp:none:x4`.
     fn parse(s: &str) -> Result<Config> {
-        let (t, c) = s.split_once(':').unwrap_or((s, "lz4"));
-        let transport = Link::parse(t).map_err(anyhow::Error::msg)?;
-        let compress = match c {
+        let mut parts = s.split(':');
+        let transport = Link::parse(parts.next().unwrap_or_default()).map_err(anyhow::Error::msg)?;
+        let compress = match parts.next().unwrap_or("lz4") {
             "lz4" => Codec::Lz4,
             "zstd" => Codec::Zstd,
             "none" => Codec::None,
-            _ => bail!("unknown codec {c:?} in --configs entry {s:?}: use lz4, zstd or none"),
+            c => bail!("unknown codec {c:?} in --configs entry {s:?}: use lz4, zstd or none"),
         };
-        Ok(Config { transport, compress })
+        let (mut mode, mut streams) = ("precopy", 1);
+        for p in parts {
+            match p {
+                "precopy" => mode = "precopy",
+                "postcopy" => mode = "postcopy",
+                "hybrid" => mode = "hybrid",
+                x if x.starts_with('x') && x[1..].parse::<u32>().is_ok_and(|n| (1..=16).contains(&n)) => {
+                    streams = x[1..].parse().unwrap_or(1)
+                }
+                x => {
+                    bail!("unknown part {x:?} in --configs entry {s:?}: use precopy, postcopy, hybrid or xN (streams)")
+                }
+            }
+        }
+        Ok(Config { transport, compress, mode, streams })
     }
 
-    /// `tcp:lz4` and the like.
+    /// `tcp:lz4`, `tls:lz4:hybrid:x2` and the like.
     pub(crate) fn label(&self) -> String {
-        format!("{}:{}", self.transport.name(), self.compress.name())
+        let mut l = format!("{}:{}", self.transport.name(), self.compress.name());
+        if self.mode != "precopy" {
+            l += &format!(":{}", self.mode);
+        }
+        if self.streams > 1 {
+            l += &format!(":x{}", self.streams);
+        }
+        l
     }
 }
 
@@ -226,6 +253,13 @@ pub(crate) struct MigRun {
     /// Those two seqs.
     pub(crate) seq_before: Option<u64>,
     pub(crate) seq_after: Option<u64>,
+    /// Post-copy: remote faults at the destination, and how long a vCPU
+    /// waited for one (median, p99), ms.
+    pub(crate) postcopy_faults: Option<u64>,
+    pub(crate) postcopy_blocked_ms_median: Option<f64>,
+    pub(crate) postcopy_blocked_ms_p99: Option<f64>,
+    /// Post-copy: pages the destination fetched after the switch-over.
+    pub(crate) postcopy_deferred_pages: Option<u64>,
 }
 
 /// The runs of one configuration on one guest.
@@ -657,6 +691,7 @@ fn migrate_once(
     }
     let mut m = vec!["migrate".to_string(), "--json".into(), "--api-sock".into(), src.sock.display().to_string()];
     m.extend(["--to".into(), addr.clone(), "--compress".into(), c.compress.name().into()]);
+    m.extend(["--mode".into(), c.mode.into(), "--streams".into(), c.streams.to_string()]);
     if let Some(d) = a.downtime_ms {
         m.extend(["--downtime-ms".into(), d.to_string()]);
     }
@@ -725,6 +760,10 @@ fn migrate_once(
         seq_continued: false,
         seq_before: None,
         seq_after: None,
+        postcopy_faults: v["postcopy"]["destination"]["faults"].as_u64(),
+        postcopy_blocked_ms_median: v["postcopy"]["destination"]["blocked_ms_median"].as_f64(),
+        postcopy_blocked_ms_p99: v["postcopy"]["destination"]["blocked_ms_p99"].as_f64(),
+        postcopy_deferred_pages: v["postcopy"]["deferred_pages"].as_u64(),
     };
     Ok((
         FerryVm { kid: dst, sock: dsock, tsc_khz: src.tsc_khz },

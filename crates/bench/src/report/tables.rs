@@ -428,6 +428,27 @@ pub(crate) fn print_migrate_bench(b: &MigrateBench) {
                 s.dst_runq_ms_median
             );
         }
+        for s in &r.series {
+            let pc: Vec<&crate::probe::migrate::MigRun> =
+                s.runs.iter().filter(|x| x.postcopy_faults.is_some()).collect();
+            if pc.is_empty() {
+                continue;
+            }
+            let med = |f: &dyn Fn(&crate::probe::migrate::MigRun) -> f64| {
+                let mut v: Vec<f64> = pc.iter().map(|x| f(x)).collect();
+                v.sort_by(|a, b| a.total_cmp(b));
+                v[v.len() / 2]
+            };
+            println!(
+                "    {} post-copy: {:.0} pages deferred, {:.0} remote faults, a vCPU waited {:.3} ms per fault (median; p99 {:.3} ms), medians of {} runs",
+                s.config.label(),
+                med(&|x| x.postcopy_deferred_pages.unwrap_or(0) as f64),
+                med(&|x| x.postcopy_faults.unwrap_or(0) as f64),
+                med(&|x| x.postcopy_blocked_ms_median.unwrap_or(0.0)),
+                med(&|x| x.postcopy_blocked_ms_p99.unwrap_or(0.0)),
+                pc.len()
+            );
+        }
         if let Some(e) = &r.error {
             println!("    {}: failed: {e}", g.label());
         }
