@@ -18,6 +18,8 @@ mod scan;
 mod stats;
 
 #[cfg(test)]
+mod diff_tests;
+#[cfg(test)]
 mod tests;
 
 pub use diff::{diff, ChangedRange, ChangedRun, DiffMode, DiffOptions, DiffReport, VirtDiff, VirtRegion};

@@ -126,8 +126,8 @@ pub fn entropy(b: &[u8]) -> f64 {
     }
     let n = b.len() as f64;
     let mut e = 0.0;
-    for i in 0..256 {
-        let c = h[0][i] + h[1][i] + h[2][i] + h[3][i];
+    for (((a, b), c), d) in h[0].iter().zip(&h[1]).zip(&h[2]).zip(&h[3]) {
+        let c = a + b + c + d;
         if c != 0 {
             let p = f64::from(c) / n;
             e -= p * p.log2();
