@@ -113,28 +113,72 @@ pub fn entropy(b: &[u8]) -> f64 {
         return 0.0;
     }
     // Four tables break the store-to-load dependency of repeated bytes.
-    let mut h = [[0u32; 256]; 4];
+    let mut h = [[0u16; 256]; 4];
     let mut it = b.chunks_exact(4);
-    for c in &mut it {
-        h[0][c[0] as usize] += 1;
-        h[1][c[1] as usize] += 1;
-        h[2][c[2] as usize] += 1;
-        h[3][c[3] as usize] += 1;
-    }
-    for &x in it.remainder() {
-        h[0][x as usize] += 1;
-    }
-    let n = b.len() as f64;
-    let mut e = 0.0;
-    for (((a, b), c), d) in h[0].iter().zip(&h[1]).zip(&h[2]).zip(&h[3]) {
-        let c = a + b + c + d;
-        if c != 0 {
-            let p = f64::from(c) / n;
-            e -= p * p.log2();
+    let mut tail = [0u32; 256];
+    if b.len() <= 4 * usize::from(u16::MAX) {
+        for c in &mut it {
+            h[0][c[0] as usize] += 1;
+            h[1][c[1] as usize] += 1;
+            h[2][c[2] as usize] += 1;
+            h[3][c[3] as usize] += 1;
+        }
+        for &x in it.remainder() {
+            tail[x as usize] += 1;
+        }
+    } else {
+        for &x in b {
+            tail[x as usize] += 1;
         }
     }
-    e
+    // H = log2(n) - sum(c log2 c) / n; for a page, c log2 c comes from a table.
+    let table = (b.len() == PAGE).then(clog_table);
+    let mut sum = 0.0;
+    for (i, t) in tail.iter().enumerate() {
+        let c = t + u32::from(h[0][i]) + u32::from(h[1][i]) + u32::from(h[2][i]) + u32::from(h[3][i]);
+        if c > 1 {
+            sum += match table {
+                Some(t) => t[c as usize],
+                None => f64::from(c) * f64::from(c).log2(),
+            };
+        }
+    }
+    let n = b.len() as f64;
+    (n.log2() - sum / n).max(0.0)
 }
+
+/// `c * log2(c)` for every count a page can have.
+fn clog_table() -> &'static [f64; PAGE + 1] {
+    static T: std::sync::OnceLock<Box<[f64; PAGE + 1]>> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let mut t = Box::new([0.0; PAGE + 1]);
+        for (c, v) in t.iter_mut().enumerate().skip(1) {
+            *v = c as f64 * (c as f64).log2();
+        }
+        t
+    })
+}
+
+/// Page hashes are BLAKE3 already: their first 8 bytes are a good enough set hash.
+#[derive(Default)]
+struct PrefixHasher(u64);
+
+impl std::hash::Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut w = [0u8; 8];
+        let n = bytes.len().min(8);
+        w[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(w);
+    }
+    fn write_usize(&mut self, _len: usize) {
+        // The slice length prefix: the same for every key.
+    }
+}
+
+type HashSet16 = HashSet<[u8; 16], std::hash::BuildHasherDefault<PrefixHasher>>;
 
 /// What one worker gathered.
 #[derive(Default)]
@@ -190,7 +234,7 @@ pub fn stats(paths: &[PathBuf], key: Option<&UserKey>, opts: &StatsOptions) -> R
         return Err(Error::NoImages);
     }
     let t0 = Instant::now();
-    let mut all: HashSet<[u8; 16]> = HashSet::new();
+    let mut all = HashSet16::default();
     let mut any_zero = false;
     let mut images = Vec::with_capacity(paths.len());
     for path in paths {
@@ -203,7 +247,7 @@ pub fn stats(paths: &[PathBuf], key: Option<&UserKey>, opts: &StatsOptions) -> R
             let hs: Vec<_> = (0..n).map(|t| s.spawn(move || analyse(path, key, opts, t, n))).collect();
             hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
         });
-        let mut mine: HashSet<[u8; 16]> = HashSet::new();
+        let mut mine = HashSet16::default();
         let (mut nonzero, mut hist, mut comp) = (0u64, [0u64; 8], Compressibility::default());
         for p in parts {
             let p = p?;
