@@ -94,7 +94,7 @@ pub struct VirtDiff {
     pub context: PagingContext,
     /// Mapping runs that map at least one changed page, in virtual order.
     pub regions: Vec<VirtRegion>,
-    /// Changed pages in runs that no mapping run reaches.
+    /// Changed pages that no mapping run maps.
     pub unmapped_pages: u64,
 }
 
@@ -328,25 +328,36 @@ fn attribute(b: &Path, key: Option<&UserKey>, runs: &[ChangedRun]) -> std::resul
 /// The attribution itself: for each mapping run, the changed pages its physical range covers.
 pub(crate) fn attribute_runs(ctx: PagingContext, map: &[crate::maps::MapRun], runs: &[ChangedRun]) -> VirtDiff {
     let mut regions = Vec::new();
-    let mut mapped = vec![false; runs.len()];
     for m in map {
         let (ps, pe) = (m.pa_start, m.pa_start.saturating_add(m.len()));
         // Runs are sorted and disjoint: the first that ends after `ps` starts the overlaps.
         let first = runs.partition_point(|r| r.end <= ps);
         let mut pages = 0;
-        for (i, r) in runs.iter().enumerate().skip(first) {
+        for r in runs.iter().skip(first) {
             if r.start >= pe {
                 break;
             }
             let (s, e) = (r.start.max(ps), r.end.min(pe));
             pages += (e - s) / PAGE_SIZE;
-            mapped[i] = true;
         }
         if pages > 0 {
             regions.push(VirtRegion { va_start: m.va_start, va_end: m.va_end, pa_start: m.pa_start, pages });
         }
     }
-    let unmapped_pages =
-        runs.iter().zip(&mapped).filter(|(_, m)| !**m).map(|(r, _)| (r.end - r.start) / PAGE_SIZE).sum();
+    // Pages no run reaches: the changed runs minus the union of the runs' physical ranges.
+    let mut cover: Vec<(u64, u64)> = map.iter().map(|m| (m.pa_start, m.pa_start.saturating_add(m.len()))).collect();
+    let cover = merge(&mut cover);
+    let mut covered = 0;
+    for r in runs {
+        let first = cover.partition_point(|c| c.1 <= r.start);
+        for c in cover.iter().skip(first) {
+            if c.0 >= r.end {
+                break;
+            }
+            covered += (r.end.min(c.1) - r.start.max(c.0)) / PAGE_SIZE;
+        }
+    }
+    let total: u64 = runs.iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum();
+    let unmapped_pages = total - covered;
     VirtDiff { context: ctx, regions, unmapped_pages }
 }

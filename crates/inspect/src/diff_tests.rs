@@ -239,7 +239,7 @@ fn entropy_and_attribution_by_hand() {
     assert!((entropy(&all) - 8.0).abs() < 1e-9);
     let two: Vec<u8> = (0..4096).map(|i| (i % 2) as u8).collect();
     assert!((entropy(&two) - 1.0).abs() < 1e-9);
-    let runs = crate::diff::to_runs(&[0x1000, 0x2000, 0x5000, 0x9000]);
+    let runs = crate::diff::to_runs(&[0x1000, 0x2000, 0x5000, 0x9000, 0xa000]);
     assert_eq!(runs.len(), 3);
     let map = [
         MapRun {
@@ -263,9 +263,16 @@ fn entropy_and_attribution_by_hand() {
             page_size: 4096,
             flags: PageFlags::default(),
         },
+        MapRun {
+            va_start: 0x60_0000,
+            va_end: 0x60_1000,
+            pa_start: 0xa000,
+            page_size: 4096,
+            flags: PageFlags::default(),
+        },
     ];
     let v = crate::diff::attribute_runs(PagingContext::from_cr3(0, false), &map, &runs);
     let pages: Vec<u64> = v.regions.iter().map(|r| r.pages).collect();
-    assert_eq!(pages, vec![2, 1, 1], "{v:?}");
-    assert_eq!(v.unmapped_pages, 1, "0x9000 is mapped by nothing");
+    assert_eq!(pages, vec![2, 1, 1, 1], "{v:?}");
+    assert_eq!(v.unmapped_pages, 1, "0x9000 is mapped by nothing (0xa000 of its run is)");
 }
