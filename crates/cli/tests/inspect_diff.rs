@@ -95,6 +95,7 @@ fn diff_finds_exactly_the_changed_pages_in_chain_and_full_mode() {
     assert!(written >= want_pages);
     assert_eq!(chain["identical_rewrites"].as_u64().unwrap(), written - want_pages);
     assert_eq!(chain["pages_compared"].as_u64().unwrap(), written, "chain mode reads only B's records");
+    eprintln!("diff: {want_pages} changed pages in {} runs; B recorded {written}", want.len());
 
     let full = ok_json(&["image", "diff", s(&a), s(&b), "--full", "--json"]);
     assert_eq!(full["mode"], "full");
@@ -174,6 +175,7 @@ fn stats_counts_zero_and_shared_pages_of_an_idle_guest() {
     assert_eq!(sh["total_pages"].as_u64().unwrap(), 2 * ram / PG as u64);
     assert_eq!(sh["unique_pages"].as_u64().unwrap(), all.len() as u64 + 1, "plus the zero page");
     assert!(sh["pages_saved"].as_u64().unwrap() >= ram / PG as u64, "{sh}");
+    eprintln!("stats: {sa}\nsharing: {sh}");
     let text = ferry_cmd(&["image", "stats", s(&a)]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("entropy (bits/byte"));
 
