@@ -1,4 +1,4 @@
-//! `ferry image verify|inspect|export|read|maps|scan`: working with image files offline
+//! `ferry image verify|inspect|export|read|maps|scan|diff|stats`: working with image files offline
 //! (the analysis commands live in `inspectcmd`).
 
 use std::io::{BufWriter, Write};
@@ -50,6 +50,10 @@ pub enum ImageCmd {
     Maps(crate::inspectcmd::MapsArgs),
     /// Search guest memory for strings or hex patterns (physical and virtual addresses).
     Scan(crate::inspectcmd::ScanArgs),
+    /// List the pages whose contents differ between two images (reads only B's newer records when B descends from A).
+    Diff(crate::inspectcmd::DiffArgs),
+    /// Zero, duplicate (within and across images), entropy and compressibility statistics of pages.
+    Stats(crate::inspectcmd::StatsArgs),
 }
 
 fn key(f: &Option<PathBuf>) -> Result<Option<UserKey>> {
@@ -142,6 +146,8 @@ pub fn run(cmd: ImageCmd) -> Result<u8> {
         ImageCmd::Read(a) => crate::inspectcmd::read(a),
         ImageCmd::Maps(a) => crate::inspectcmd::maps(a),
         ImageCmd::Scan(a) => crate::inspectcmd::scan(a),
+        ImageCmd::Diff(a) => crate::inspectcmd::diff(a),
+        ImageCmd::Stats(a) => crate::inspectcmd::stats(a),
         ImageCmd::Export { image, format, out, key_file } => {
             let k = key(&key_file)?;
             let mut chain = ImageChain::open(&image, k.as_ref())?;

@@ -254,3 +254,144 @@ pub fn scan(a: ScanArgs) -> Result<u8> {
     );
     Ok(0)
 }
+
+/// `ferry image diff`.
+#[derive(Args)]
+pub struct DiffArgs {
+    /// The older image.
+    pub a: PathBuf,
+    /// The newer image (if its chain contains A, only the pages recorded after A are read).
+    pub b: PathBuf,
+    /// Key file for encrypted images (both chains).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+    /// Compare all memory even when B descends from A.
+    #[arg(long)]
+    pub full: bool,
+    /// Changed runs at most this many pages apart are listed as one range.
+    #[arg(long, default_value_t = 16)]
+    pub gap: u64,
+    /// Do not attribute changes to virtual ranges (B's vCPU 0 page tables).
+    #[arg(long)]
+    pub no_virt: bool,
+    /// Threads comparing at once (default: the CPUs, at most 8).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `ferry image stats`.
+#[derive(Args)]
+pub struct StatsArgs {
+    /// One or more images (sharing is counted across all of them).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// Key file for encrypted images.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+    /// Compress every n-th non-zero page to estimate lz4 and zstd ratios (1 = all).
+    #[arg(long, default_value_t = 16)]
+    pub compress_every: u64,
+    /// Threads per image (default: the CPUs, at most 8).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// Prints the changed pages between two images.
+pub fn diff(a: DiffArgs) -> Result<u8> {
+    let key = a.key_file.as_deref().map(UserKey::from_file).transpose()?;
+    let mut opts =
+        ferry_inspect::DiffOptions { force_full: a.full, gap_pages: a.gap, virt: !a.no_virt, ..Default::default() };
+    if let Some(t) = a.threads {
+        opts.threads = t;
+    }
+    let r = ferry_inspect::diff(&a.a, &a.b, key.as_ref(), &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(0);
+    }
+    println!("{} -> {}  ({:?} comparison, {} pages compared)", r.a.display(), r.b.display(), r.mode, r.pages_compared);
+    if let (Some(w), Some(same)) = (r.written_pages, r.identical_rewrites) {
+        println!("written after A: {w} pages, of which {same} rewritten with identical contents");
+    }
+    println!(
+        "changed: {} pages ({} KiB) in {} runs, {} ranges (gap {} pages)",
+        r.changed_pages,
+        r.changed_pages * 4,
+        r.runs.len(),
+        r.ranges.len(),
+        r.gap_pages
+    );
+    for g in &r.ranges {
+        println!(
+            "  {:#014x}..{:#014x}  {:>8} changed of {:>8} pages",
+            g.start,
+            g.end,
+            g.pages,
+            (g.end - g.start) / 4096
+        );
+    }
+    match (&r.virt, &r.virt_error) {
+        (Some(v), _) => {
+            println!("by virtual range (vCPU 0, root {:#x}):", v.context.root);
+            for g in &v.regions {
+                println!(
+                    "  {:#018x}..{:#018x} -> {:#014x}  {:>8} changed pages",
+                    g.va_start, g.va_end, g.pa_start, g.pages
+                );
+            }
+            println!("  unmapped: {} pages", v.unmapped_pages);
+        }
+        (None, Some(e)) => println!("virtual ranges: not available: {e}"),
+        (None, None) => {}
+    }
+    eprintln!("ferry: diff took {:.3} s", r.elapsed_secs);
+    Ok(0)
+}
+
+/// Prints page statistics of one or more images.
+pub fn stats(a: StatsArgs) -> Result<u8> {
+    let key = a.key_file.as_deref().map(UserKey::from_file).transpose()?;
+    let mut opts = ferry_inspect::StatsOptions { compress_every: a.compress_every, ..Default::default() };
+    if let Some(t) = a.threads {
+        opts.threads = t;
+    }
+    let r = ferry_inspect::stats(&a.images, key.as_ref(), &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(0);
+    }
+    for i in &r.images {
+        println!("{}", i.path.display());
+        println!(
+            "  pages {}  zero {}  non-zero {}  unique non-zero {}  duplicates {}",
+            i.ram_pages, i.zero_pages, i.nonzero_pages, i.unique_nonzero_pages, i.duplicate_pages
+        );
+        let h: Vec<String> =
+            i.entropy_histogram.iter().enumerate().map(|(b, n)| format!("{b}-{}:{n}", b + 1)).collect();
+        println!("  entropy (bits/byte: non-zero pages) {}", h.join(" "));
+        println!(
+            "  compress (every {} page, 4 KiB each, {} pages): lz4 {:.2}x  zstd-{} {:.2}x",
+            r.compress_every, i.compress.sampled_pages, i.compress.lz4_ratio, r.zstd_level, i.compress.zstd_ratio
+        );
+        println!(
+            "  {:.1} MiB of non-zero memory in {:.3} s",
+            i.bytes_analysed as f64 / (1 << 20) as f64,
+            i.elapsed_secs
+        );
+    }
+    let s = &r.sharing;
+    println!(
+        "sharing: {} pages, {} unique contents: {} pages ({} MiB) saved by merging identical pages",
+        s.total_pages,
+        s.unique_pages,
+        s.pages_saved,
+        s.bytes_saved >> 20
+    );
+    Ok(0)
+}

@@ -463,6 +463,12 @@ impl ImageReader {
         self.dec.chunks.len() as u64
     }
 
+    /// The page runs this image records (data and zero), chunk by chunk in file order,
+    /// from the footer index: which pages an incremental image overrides, without reading them.
+    pub fn runs(&self) -> impl Iterator<Item = &crate::record::PageRun> + '_ {
+        self.dec.chunks.iter().flat_map(|c| c.runs.iter())
+    }
+
     /// Whether the image is encrypted.
     pub fn is_encrypted(&self) -> bool {
         self.header.encryption.is_some()

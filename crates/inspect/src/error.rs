@@ -81,4 +81,21 @@ pub enum Error {
         /// The bound it breaks.
         reason: String,
     },
+
+    /// Two images to compare have different RAM layouts, so their pages do not correspond.
+    #[error("{} and {} have different RAM layouts ({ram_a} vs {ram_b}): not images of the same guest", a.display(), b.display())]
+    LayoutMismatch {
+        /// First image.
+        a: std::path::PathBuf,
+        /// Second image.
+        b: std::path::PathBuf,
+        /// First image's RAM ranges.
+        ram_a: String,
+        /// Second image's RAM ranges.
+        ram_b: String,
+    },
+
+    /// No image was given.
+    #[error("no image given")]
+    NoImages,
 }

@@ -8,19 +8,25 @@
 //! structs so the CLI can print them for a person or as JSON.
 #![deny(missing_docs)]
 
+mod diff;
 mod error;
 mod maps;
 mod mem;
 mod paging;
 mod read;
 mod scan;
+mod stats;
 
+#[cfg(test)]
+mod diff_tests;
 #[cfg(test)]
 mod tests;
 
+pub use diff::{diff, ChangedRange, ChangedRun, DiffMode, DiffOptions, DiffReport, VirtDiff, VirtRegion};
 pub use error::{Error, Result};
 pub use maps::{maps, MapRun, MapsReport, MAX_RUNS, MAX_TABLES};
 pub use mem::{BufMem, ImageMem, PhysMem};
 pub use paging::{translate, walk, Level, PageFlags, PagingContext, Step, Stop, StopReason, Translation};
 pub use read::{read_phys, read_virt, PhysRead, VirtPiece, VirtRead, MAX_READ};
 pub use scan::{scan, Literals, Match, Matcher, Pattern, ScanOptions, ScanReport, MAX_PATTERN};
+pub use stats::{entropy, stats, Compressibility, ImageStats, Sharing, StatsOptions, StatsReport};
