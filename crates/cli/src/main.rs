@@ -575,6 +575,12 @@ fn print_migration(v: &serde_json::Value) {
     if let Some(d) = v["memory_digest"].as_str() {
         println!("  memory digest    {d} (both ends agree)");
     }
+    if v["working_set_held_pages"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "  working set      {} pages held back from live rounds, {} re-sends saved",
+            v["working_set_held_pages"], v["working_set_resends_saved"]
+        );
+    }
     if let Some(p) = v["postcopy"].as_object() {
         let d = &p["destination"];
         println!(

@@ -240,6 +240,13 @@ pub struct MigrationStats {
     /// A local migration: the memory was handed over, not copied.
     #[serde(default)]
     pub local: bool,
+    /// Writable working set: pages held back from a live round because
+    /// they were dirtied in two rounds running (summed over rounds).
+    #[serde(default)]
+    pub working_set_held_pages: u64,
+    /// Of those, pages dirtied again while held: sends saved.
+    #[serde(default)]
+    pub working_set_resends_saved: u64,
 }
 
 /// The post-copy phase as the source saw it, with the destination's own
@@ -1116,6 +1123,8 @@ fn finish_stats(
         postcopy: None,
         stream_bytes: Vec::new(),
         local: false,
+        working_set_held_pages: pre.wws_held_pages,
+        working_set_resends_saved: pre.wws_resends_saved,
         compress: WireCodec::default(),
         max_bandwidth: None,
         bandwidth_wait_ms: 0.0,

@@ -681,6 +681,8 @@ mod tests {
             postcopy: None,
             stream_bytes: Vec::new(),
             local: false,
+            working_set_held_pages: 0,
+            working_set_resends_saved: 0,
             compress: crate::wire::WireCodec::Lz4,
             max_bandwidth: None,
             bandwidth_wait_ms: 0.0,

@@ -23,6 +23,10 @@ const PAGE: usize = 4096;
 /// the copy (vCPU kick, dirty log, state, resume) are 0.7-3 ms here.
 pub const FINAL_COPY_SHARE: f64 = 0.5;
 
+/// Fewest pages a live round must send for its time to update the delivery
+/// rate the convergence model plans with (1 MiB).
+const MIN_RATE_SAMPLE_PAGES: u64 = 256;
+
 /// How a pre-copy runs.
 #[derive(Clone, Debug)]
 pub struct PrecopyConfig {
@@ -244,6 +248,12 @@ pub struct PrecopyStats {
     pub cow_fallback: Option<String>,
     /// Auto-converge, when it was allowed.
     pub throttle: Option<ThrottleStats>,
+    /// Writable working set: pages dirtied in two rounds running, held back
+    /// from the next live round (summed over rounds).
+    pub wws_held_pages: u64,
+    /// Of those, pages the guest dirtied again while held: sends saved,
+    /// since sending them would have been undone by the next round.
+    pub wws_resends_saved: u64,
     /// Post-copy: the pages not sent (one bitmap per RAM region), whose
     /// contents the destination must fetch.
     #[serde(skip)]
@@ -272,6 +282,19 @@ type Bitmap = Vec<u64>;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+fn zip_with(a: &[Bitmap], b: &[Bitmap], f: impl Fn(u64, u64) -> u64) -> Vec<Bitmap> {
+    a.iter().zip(b).map(|(x, y)| x.iter().zip(y).map(|(p, q)| f(*p, *q)).collect()).collect()
+}
+fn or(a: &[Bitmap], b: &[Bitmap]) -> Vec<Bitmap> {
+    zip_with(a, b, |p, q| p | q)
+}
+fn and(a: &[Bitmap], b: &[Bitmap]) -> Vec<Bitmap> {
+    zip_with(a, b, |p, q| p & q)
+}
+fn andnot(a: &[Bitmap], b: &[Bitmap]) -> Vec<Bitmap> {
+    zip_with(a, b, |p, q| p & !q)
 }
 
 fn count(bms: &[Bitmap]) -> u64 {
@@ -602,6 +625,9 @@ pub fn precopy(
         stats.stop_reason = StopReason::Paused;
         if live {
             let mut prev = u64::MAX;
+            // The writable working set held back from the last round, and that round's fresh dirty log.
+            let mut held: Option<Vec<Bitmap>> = None;
+            let mut prev_fresh: Option<Vec<Bitmap>> = None;
             let mut throttle = cfg.throttle.map(|p| (p, Throttle::start(vm, p.period_ms), ThrottleStats::default()));
             // Stops the throttle (the vCPUs run freely again) and keeps its figures.
             let end_throttle = |t: &mut Option<(ThrottlePolicy, Throttle, ThrottleStats)>, stats: &mut PrecopyStats| {
@@ -611,7 +637,18 @@ pub fn precopy(
                 }
             };
             loop {
-                let dirty = vm.take_dirty_log()?;
+                let fresh = vm.take_dirty_log()?;
+                // Writable working set (Clark et al.): a page dirtied in this
+                // round and the last is likely to be dirtied again, so it waits
+                // for a later round (or the final one) instead of going now.
+                // What waits is always sent later: it joins the next set.
+                if let Some(h) = &held {
+                    stats.wws_resends_saved += count(&and(h, &fresh));
+                }
+                let dirty = match held.take() {
+                    Some(h) => or(&fresh, &h),
+                    None => fresh.clone(),
+                };
                 let n = count(&dirty);
                 if n <= budget_pages(rate_pages_per_ms) {
                     // Small enough: leave it for the pause. KVM has cleared
@@ -626,8 +663,24 @@ pub fn precopy(
                     final_set = Some(merged);
                     break;
                 }
-                let r = round(&regions, &dirty, sink, false)?;
-                if r.ms > 0.0 {
+                let hot = prev_fresh.as_ref().map(|p| and(p, &fresh));
+                // Only while the rest is at least as large: a round that sent
+                // (almost) nothing would be over at once, and the next log would
+                // cover too short a time to tell hot pages from cold.
+                let hot = hot.filter(|h| count(h) * 2 <= n);
+                let send_now = match &hot {
+                    Some(h) if count(h) > 0 => {
+                        stats.wws_held_pages += count(h);
+                        andnot(&dirty, h)
+                    }
+                    _ => dirty.clone(),
+                };
+                held = hot.filter(|h| count(h) > 0);
+                prev_fresh = Some(fresh);
+                let r = round(&regions, &send_now, sink, false)?;
+                // A round that sent little (its pages held back) measures the
+                // round trip, not the link: keep the rate measured before.
+                if r.ms > 0.0 && r.pages >= MIN_RATE_SAMPLE_PAGES {
                     rate_pages_per_ms = (r.pages as f64 / r.ms).max(1.0);
                 }
                 stats.rounds.push(r);
@@ -667,7 +720,11 @@ pub fn precopy(
                     }
                     pause_start = Some(Instant::now());
                     vm.pause()?;
-                    final_set = Some(vm.take_dirty_log()?);
+                    let rest = vm.take_dirty_log()?;
+                    final_set = Some(match held.take() {
+                        Some(h) => or(&rest, &h),
+                        None => rest,
+                    });
                     break;
                 }
             }
