@@ -11,51 +11,6 @@ use std::time::Duration;
 
 use ferry_migrate::wire::{FrameReader, FrameWriter, Hello, Message};
 
-/// A destination `ferry receive`; returns it, its API socket and the address it listens on.
-fn receiver(listen: &str, extra: &[&str]) -> (Guest, PathBuf, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("dst.sock");
-    let listen = listen.replace("DIR", dir.path().to_str().unwrap());
-    let mut args = vec!["--listen", listen.as_str(), "--api-sock", sock.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let mut g = Guest::start_receive(dir, &args);
-    let line = g.wait_stderr("waiting for a migration on ", secs(30));
-    let addr = line.rsplit(' ').next().unwrap().to_string();
-    wait_sock(&sock);
-    (g, sock, addr)
-}
-
-fn migrate(sock: &Path, to: &str, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["migrate", "--api-sock", sock.to_str().unwrap(), "--to", to, "--json"];
-    args.extend_from_slice(extra);
-    ferry_cmd(&args)
-}
-
-/// A CA in `dir` with certificates for `names`.
-fn certs(dir: &Path, names: &[&str]) {
-    let o = ferry_cmd(&["certs", "init", "--dir", dir.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for n in names {
-        let o = ferry_cmd(&["certs", "issue", "--dir", dir.to_str().unwrap(), "--name", n]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
-}
-
-fn tls_args(dir: &Path, name: &str) -> Vec<String> {
-    vec![
-        "--tls-cert".into(),
-        dir.join(format!("{name}.pem")).to_str().unwrap().into(),
-        "--tls-key".into(),
-        dir.join(format!("{name}.key")).to_str().unwrap().into(),
-        "--tls-ca".into(),
-        dir.join("ca.pem").to_str().unwrap().into(),
-    ]
-}
-
-fn seqs(lines: &[String]) -> Vec<u64> {
-    lines.iter().filter(|l| l.starts_with("PROGRESS")).filter_map(|l| field(l, "seq")).collect()
-}
-
 /// Migrates a busy guest and checks everything the destination must show;
 /// returns the source's statistics.
 fn migrate_and_check(vcpus: &str, listen: &str, dst_extra: &[String], src_extra: &[String]) -> serde_json::Value {
@@ -320,11 +275,6 @@ fn destination_killed_mid_stream_leaves_the_guest_at_the_source() {
     let p = http_get(&ssock, "/vm/migration");
     assert_eq!(p["state"], "failed", "{p}");
     source_still_fine(&mut src, &ssock);
-}
-
-fn http_get(sock: &Path, path: &str) -> serde_json::Value {
-    let r = raw_http(sock, format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
-    serde_json::from_str(r.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("null")).unwrap_or_default()
 }
 
 /// Relays a unix stream from the source to `to` and back; `tamper` sees

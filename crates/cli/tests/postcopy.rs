@@ -10,56 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-fn receiver(listen: &str, extra: &[&str]) -> (Guest, PathBuf, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("dst.sock");
-    let listen = listen.replace("DIR", dir.path().to_str().unwrap());
-    let mut args = vec!["--listen", listen.as_str(), "--api-sock", sock.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let mut g = Guest::start_receive(dir, &args);
-    let line = g.wait_stderr("waiting for a migration on ", secs(30));
-    let addr = line.rsplit(' ').next().unwrap().to_string();
-    wait_sock(&sock);
-    (g, sock, addr)
-}
-
-fn migrate(sock: &Path, to: &str, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["migrate", "--api-sock", sock.to_str().unwrap(), "--to", to, "--json"];
-    args.extend_from_slice(extra);
-    ferry_cmd(&args)
-}
-
-fn certs(dir: &Path, names: &[&str]) {
-    let o = ferry_cmd(&["certs", "init", "--dir", dir.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for n in names {
-        let o = ferry_cmd(&["certs", "issue", "--dir", dir.to_str().unwrap(), "--name", n]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
-}
-
-fn tls_args(dir: &Path, name: &str) -> Vec<String> {
-    ["cert", "key"]
-        .iter()
-        .flat_map(|k| {
-            [
-                format!("--tls-{k}"),
-                dir.join(format!("{name}.{}", if *k == "cert" { "pem" } else { "key" })).to_str().unwrap().into(),
-            ]
-        })
-        .chain(["--tls-ca".into(), dir.join("ca.pem").to_str().unwrap().into()])
-        .collect()
-}
-
-fn http_get(sock: &Path, path: &str) -> serde_json::Value {
-    let r = raw_http(sock, format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
-    serde_json::from_str(r.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("null")).unwrap_or_default()
-}
-
-fn seqs(lines: &[String]) -> Vec<u64> {
-    lines.iter().filter(|l| l.starts_with("PROGRESS")).filter_map(|l| field(l, "seq")).collect()
-}
-
 /// The guest carries on at the destination: its progress continues with no
 /// gap and no repeat, no reboot, and `verify` passes over every page.
 fn check_destination(src: &mut Guest, dst: &mut Guest, dsock: &Path, vcpus: &str) {

@@ -101,6 +101,10 @@ impl Bits {
     pub(crate) fn get(&self, i: usize) -> bool {
         self.0[i / 64].load(Ordering::Acquire) & (1u64 << (i % 64)) != 0
     }
+    /// Sets bits `64*word..64*word+64` to `bits` (ORed in).
+    pub(crate) fn or_word(&self, word: usize, bits: u64) {
+        self.0[word].fetch_or(bits, Ordering::AcqRel);
+    }
     /// Clears bit `i`.
     pub(crate) fn clear(&self, i: usize) {
         self.0[i / 64].fetch_and(!(1u64 << (i % 64)), Ordering::AcqRel);

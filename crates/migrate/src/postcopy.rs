@@ -341,18 +341,30 @@ impl PostcopyIncoming {
         let mut total = 0u64;
         for (r, bm) in regions.iter().zip(needed) {
             let n = (r.len / PAGE) as usize;
+            let bit = |p: usize| bm.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0);
+            // Regions are whole multiples of 2 MiB, so each starts on a bitmap word.
+            debug_assert!(r.first.is_multiple_of(64));
+            for (i, &w) in bm.iter().enumerate().take(n.div_ceil(64)) {
+                if w != 0 {
+                    bits.or_word(r.first / 64 + i, w);
+                    total += w.count_ones() as u64;
+                }
+            }
+            // Drop the needed pages, run by run, skipping empty words fast.
             let mut p = 0usize;
             while p < n {
-                if bm.get(p / 64).is_none_or(|w| w & (1 << (p % 64)) == 0) {
+                if p.is_multiple_of(64) && bm.get(p / 64).is_none_or(|w| *w == 0) {
+                    p += 64;
+                    continue;
+                }
+                if !bit(p) {
                     p += 1;
                     continue;
                 }
                 let s = p;
-                while p < n && bm.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0) {
-                    bits.claim(r.first + p);
+                while p < n && bit(p) {
                     p += 1;
                 }
-                total += (p - s) as u64;
                 ram.discard(r.gpa + s as u64 * PAGE, (p - s) as u64 * PAGE).map_err(|e| e.to_string())?;
             }
         }
@@ -680,17 +692,19 @@ pub(crate) fn needed_frames(ranges: &[(u64, u64)], set: &[Vec<u64>]) -> Vec<Mess
         let pages = len / PAGE;
         let mut p = 0u64;
         while p < pages {
+            // MAX_NEEDED_PAGES is a multiple of 64, so every frame starts on a word;
+            // little-endian words are the wire's LSB-first bytes.
             let n = (pages - p).min(MAX_NEEDED_PAGES);
-            let mut bitmap = vec![0u8; n.div_ceil(8) as usize];
-            let mut any = false;
-            for i in 0..n {
-                let q = (p + i) as usize;
-                if bm.get(q / 64).is_some_and(|w| w & (1 << (q % 64)) != 0) {
-                    bitmap[(i / 8) as usize] |= 1 << (i % 8);
-                    any = true;
+            let words = &bm[(p / 64) as usize..((p + n).div_ceil(64) as usize).min(bm.len())];
+            if words.iter().any(|w| *w != 0) {
+                let mut bitmap: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                bitmap.resize(n.div_ceil(8) as usize, 0);
+                // Bits past the region's end are never set; clear them anyway.
+                if !n.is_multiple_of(8) {
+                    if let Some(last) = bitmap.last_mut() {
+                        *last &= (1u8 << (n % 8)) - 1;
+                    }
                 }
-            }
-            if any {
                 out.push(Message::Needed { gpa: gpa + p * PAGE, npages: n, bitmap });
             }
             p += n;
@@ -713,6 +727,23 @@ pub(crate) fn merge_needed(
     let first = (off / PAGE) as usize;
     let bm = &mut set[idx];
     let mut n = 0;
+    if first.is_multiple_of(64) {
+        // Word at a time: the bytes are little-endian words.
+        for (k, chunk) in bitmap.chunks(8).enumerate() {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            let mut w = u64::from_le_bytes(b);
+            let valid = (npages as usize).saturating_sub(k * 64).min(64);
+            if valid < 64 {
+                w &= (1u64 << valid) - 1;
+            }
+            if w != 0 {
+                bm[first / 64 + k] |= w;
+                n += w.count_ones() as u64;
+            }
+        }
+        return Ok(n);
+    }
     for i in 0..npages as usize {
         if bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0) {
             let q = first + i;
