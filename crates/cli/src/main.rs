@@ -478,7 +478,14 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Image { cmd } => imagecmd::run(cmd),
+        Command::Image { cmd } => {
+            // `ferry image maps IMG | head` must end quietly, as any Unix
+            // filter does, not panic on the closed pipe. Only here: the
+            // commands that talk to sockets handle their errors themselves.
+            // SAFETY: restoring the default disposition of one signal.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            imagecmd::run(cmd)
+        }
     }
 }
 

@@ -137,3 +137,26 @@ fn planted_pattern_is_found_by_read_maps_and_scan() {
     std::fs::write(&flipped, &b).unwrap();
     fails(&["image", "maps", s(&flipped)], &["footer length field is wrong"]);
 }
+
+/// `ferry image read IMG | head -1`: the reader going away ends ferry
+/// quietly (SIGPIPE, as any filter), with no panic message.
+#[test]
+fn a_closed_output_pipe_ends_image_commands_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let (_dir, img) = planted_snapshot();
+    let mut child = std::process::Command::new(ferry())
+        .args(["image", "read", s(&img), "--phys", "0x100000", "--len", "1048576"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with("0x"), "{first}");
+    // The read end is dropped here: ferry's next writes find no reader.
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {err}", out.status);
+}
