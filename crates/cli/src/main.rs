@@ -427,40 +427,34 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
         Command::Receive(a) => receive(a, start),
         Command::Certs { cmd } => certs::run(cmd),
         Command::MigrateCancel(a) => print_json(api(&a.api_sock, "PUT", "/vm/migration/cancel", None)?),
-        Command::Migrate(a) if a.resume => {
-            let progress = progress_printer(a.api_sock.clone(), a.json);
-            let v = api(&a.api_sock, "PUT", "/vm/migration/resume", None);
-            progress.store(true, std::sync::atomic::Ordering::SeqCst);
-            let v = v?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print_migration(&v);
-            }
-            Ok(0)
-        }
         Command::Migrate(a) => {
-            let req = ferry_migrate::migration::MigrateRequest {
-                to: a.to.clone().unwrap_or_default(),
-                mode: a.mode,
-                downtime_ms: a.downtime_ms,
-                max_rounds: a.max_rounds,
-                compress: a.compress,
-                max_bandwidth: a.max_bandwidth,
-                streams: a.streams,
-                keep_paused: a.keep_paused,
-                insecure: a.tls.insecure,
-                tls_cert: a.tls.tls_cert.as_deref().map(abs_path).transpose()?,
-                tls_key: a.tls.tls_key.as_deref().map(abs_path).transpose()?,
-                tls_ca: a.tls.tls_ca.as_deref().map(abs_path).transpose()?,
-                peer_name: a.peer_name.clone(),
-                verify_digest: a.verify_digest,
-                peer_timeout_ms: a.peer_timeout_ms,
-                no_throttle: a.no_throttle,
-                local: a.local,
+            // `--resume` finishes a paused post-copy; otherwise a new migration.
+            let body = if a.resume {
+                None
+            } else {
+                Some(serde_json::to_value(ferry_migrate::migration::MigrateRequest {
+                    to: a.to.clone().unwrap_or_default(),
+                    mode: a.mode,
+                    downtime_ms: a.downtime_ms,
+                    max_rounds: a.max_rounds,
+                    compress: a.compress,
+                    max_bandwidth: a.max_bandwidth,
+                    streams: a.streams,
+                    keep_paused: a.keep_paused,
+                    insecure: a.tls.insecure,
+                    tls_cert: a.tls.tls_cert.as_deref().map(abs_path).transpose()?,
+                    tls_key: a.tls.tls_key.as_deref().map(abs_path).transpose()?,
+                    tls_ca: a.tls.tls_ca.as_deref().map(abs_path).transpose()?,
+                    peer_name: a.peer_name.clone(),
+                    verify_digest: a.verify_digest,
+                    peer_timeout_ms: a.peer_timeout_ms,
+                    no_throttle: a.no_throttle,
+                    local: a.local,
+                })?)
             };
+            let path = if a.resume { "/vm/migration/resume" } else { "/vm/migrate" };
             let progress = progress_printer(a.api_sock.clone(), a.json);
-            let v = api(&a.api_sock, "PUT", "/vm/migrate", Some(serde_json::to_value(&req)?));
+            let v = api(&a.api_sock, "PUT", path, body);
             progress.store(true, std::sync::atomic::Ordering::SeqCst);
             let v = v?;
             if a.json {
