@@ -741,7 +741,15 @@ pub fn migrate_out(
             workers: &workers,
             next: 0,
         };
-        let precopied = if req.local { pause_for_state(vm) } else { precopy(vm, &mut sink, &cfg) };
+        // The migration reads its own view of the dirty log, so the snapshot
+        // lineage (and any watch) keeps every page it needs.
+        let precopied = if req.local {
+            pause_for_state(vm)
+        } else {
+            vm.dirty_view(ferry_vmm::DirtyConsumer::Migration)
+                .map_err(crate::Error::Vm)
+                .and_then(|log| precopy(vm, &log, &mut sink, &cfg))
+        };
         let (marks, waited) = (std::mem::take(&mut sink.marks), sink.pace.as_ref().map(|b| b.waited));
         let (state, mut pre) = precopied.map_err(|e| explain(e, &mut r))?;
         // Every extra stream's last pages are out before the state.
@@ -1505,8 +1513,8 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
                 return Err(MigrationError::Wire(e));
             }
         }
-        // Ours now.
-        vm.take_dirty_log().map_err(crate::Error::Vm)?;
+        // Ours now: the lineage starts here.
+        vm.lineage_log().and_then(|l| l.reset()).map_err(crate::Error::Vm)?;
         if !opts.paused {
             vm.resume().map_err(crate::Error::Vm)?;
         }

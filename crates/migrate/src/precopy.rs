@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use ferry_vmm::uffd::{self, Uffd};
-use ferry_vmm::{RamRegion, Vm, VmState};
+use ferry_vmm::{DirtyView, RamRegion, Vm, VmState};
 use serde::Serialize;
 
 use crate::sink::PageSink;
@@ -583,6 +583,7 @@ impl Cow {
 /// was paused before), also on error.
 pub fn precopy(
     vm: &std::sync::Arc<Vm>,
+    log: &DirtyView,
     sink: &mut dyn PageSink,
     cfg: &PrecopyConfig,
 ) -> Result<(VmState, PrecopyStats)> {
@@ -590,8 +591,6 @@ pub fn precopy(
     let was_paused = vm.is_paused();
     let regions: Vec<RamRegion> = vm.ram().regions().to_vec();
     let mut stats = PrecopyStats::default();
-    // Dirty logging stays on after a snapshot so the next one can be incremental.
-    vm.set_dirty_logging(true)?;
 
     let result = (|| -> Result<VmState> {
         let live = cfg.live && !was_paused;
@@ -603,9 +602,9 @@ pub fn precopy(
         }
         // Round 1: everything populated, or what changed since the last snapshot.
         let first: Vec<Bitmap> = if cfg.incremental {
-            vm.take_dirty_log()?
+            log.take()?
         } else {
-            let _ = vm.take_dirty_log()?; // start a clean log
+            let _ = log.take()?; // start a clean log
             let bms: Vec<Bitmap> = regions.iter().map(resident).collect();
             let total: u64 = regions.iter().map(|r| r.len / PAGE as u64).sum();
             stats.unpopulated_pages_skipped = total - count(&bms);
@@ -637,7 +636,7 @@ pub fn precopy(
                 }
             };
             loop {
-                let fresh = vm.take_dirty_log()?;
+                let fresh = log.take()?;
                 // Writable working set (Clark et al.): a page dirtied in this
                 // round and the last is likely to be dirtied again, so it waits
                 // for a later round (or the final one) instead of going now.
@@ -657,7 +656,7 @@ pub fn precopy(
                     end_throttle(&mut throttle, &mut stats);
                     pause_start = Some(Instant::now());
                     vm.pause()?;
-                    let rest = vm.take_dirty_log()?;
+                    let rest = log.take()?;
                     let merged: Vec<Bitmap> =
                         dirty.iter().zip(&rest).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect()).collect();
                     final_set = Some(merged);
@@ -720,7 +719,7 @@ pub fn precopy(
                     }
                     pause_start = Some(Instant::now());
                     vm.pause()?;
-                    let rest = vm.take_dirty_log()?;
+                    let rest = log.take()?;
                     final_set = Some(match held.take() {
                         Some(h) => or(&rest, &h),
                         None => rest,
@@ -730,7 +729,7 @@ pub fn precopy(
             }
         } else {
             // Stop-the-world: anything written between reading the log and pausing.
-            let rest = vm.take_dirty_log()?;
+            let rest = log.take()?;
             if let Some(first) = deferred_first.take() {
                 final_set =
                     Some(first.iter().zip(&rest).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x | y).collect()).collect());

@@ -189,7 +189,7 @@ pub fn restore_from_image(path: &Path, opts: RestoreOptions) -> Result<Restored>
         // Vm::restore creates the memory slots with dirty logging on, so the
         // next snapshot of this VM can be incremental over the image it came
         // from; clear whatever the fill may have left in the log.
-        vm.take_dirty_log()?;
+        vm.lineage_log()?.reset()?;
         stats.ready_ms = ms(opts.process_start.elapsed());
         if !opts.paused {
             vm.resume()?;

@@ -388,7 +388,8 @@ pub fn take_snapshot(
     };
     // From here on the dirty log is consumed: the lineage holds only if this succeeds.
     *lineage = None;
-    let (state, stats) = precopy(vm, &mut writer, &cfg).map_err(|e| SnapshotError::Failed(e.to_string()))?;
+    let log = vm.lineage_log().map_err(|e| SnapshotError::Failed(e.to_string()))?;
+    let (state, stats) = precopy(vm, &log, &mut writer, &cfg).map_err(|e| SnapshotError::Failed(e.to_string()))?;
     let cpus: Vec<_> = state.vcpus.iter().map(crate::regs::cpu_regs).collect();
     let state_json = serde_json::to_vec(&state).map_err(|e| SnapshotError::Failed(e.to_string()))?;
     let summary =

@@ -11,6 +11,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cpu;
 pub mod devices;
+pub mod dirty;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
@@ -24,6 +25,7 @@ use std::path::PathBuf;
 
 pub use boot::{KernelFormat, KernelSource};
 pub use cpu::CpuTemplate;
+pub use dirty::{DirtyConsumer, DirtyView};
 pub use memory::{GuestRam, RamRegion};
 pub use state::VmState;
 pub use vm::{BootTimes, ExitReason, PreparedVm, RunState, Vm, VmConfig, VmStatus};

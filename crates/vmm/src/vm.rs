@@ -13,6 +13,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
+
+use crate::dirty::{DirtyConsumer, DirtyLog, DirtyView};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
@@ -234,6 +236,10 @@ pub struct Vm {
     created: Instant,
     boot_times: Mutex<BootTimes>,
     msr_list: std::sync::OnceLock<Vec<u32>>,
+    dirty: Arc<DirtyLog>,
+    /// The view the snapshot lineage reads: made when the VM is created from
+    /// a state (restore, incoming migration) or at its first snapshot.
+    lineage: Mutex<Option<Arc<DirtyView>>>,
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -432,33 +438,27 @@ impl Vm {
         })
     }
 
-    /// Turns KVM dirty-page logging on or off for all RAM slots.
-    pub fn set_dirty_logging(&self, on: bool) -> Result<(), Error> {
-        for (slot, r) in self.ram.regions().iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-                guest_phys_addr: r.gpa,
-                memory_size: r.len,
-                userspace_addr: r.host as u64,
-            };
-            // SAFETY: same mapping as registered at creation, still alive.
-            unsafe { self.vm_fd.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-        Ok(())
+    /// A new view of the dirty log for `consumer`: it sees every page the
+    /// guest writes from now on, whatever other views read meanwhile.
+    pub fn dirty_view(&self, consumer: DirtyConsumer) -> Result<DirtyView, Error> {
+        self.dirty.view(consumer)
     }
 
-    /// Fetches and clears the dirty bitmap of every RAM region (one bit per
-    /// page, in region order). Dirty logging must be on.
-    pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>, Error> {
-        self.ram
-            .regions()
-            .iter()
-            .enumerate()
-            .map(|(slot, r)| {
-                self.vm_fd.get_dirty_log(slot as u32, r.len as usize).map_err(kvm_err("KVM_GET_DIRTY_LOG"))
-            })
-            .collect()
+    /// The snapshot lineage's view (made on first use): what changed since
+    /// the last snapshot, or since the VM was built from a state.
+    pub fn lineage_log(&self) -> Result<Arc<DirtyView>, Error> {
+        let mut l = self.lineage.lock().unwrap();
+        if let Some(v) = l.as_ref() {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(self.dirty.view(DirtyConsumer::Lineage)?);
+        *l = Some(v.clone());
+        Ok(v)
+    }
+
+    /// Who reads the dirty log now (one entry per view).
+    pub fn dirty_consumers(&self) -> Vec<DirtyConsumer> {
+        self.dirty.consumers()
     }
 
     fn start_threads(&self) -> Result<(), Error> {
@@ -713,6 +713,7 @@ struct Parts {
     kvm: Kvm,
     vm_fd: VmFd,
     ram: Arc<GuestRam>,
+    log_dirty: bool,
 }
 
 impl Parts {
@@ -747,7 +748,7 @@ impl Parts {
         vm_fd
             .create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        Ok(Parts { kvm, vm_fd, ram })
+        Ok(Parts { kvm, vm_fd, ram, log_dirty })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -763,7 +764,7 @@ impl Parts {
         cmdline: String,
         per_vcpu: impl Fn(u32, &VcpuFd) -> Result<(), Error>,
     ) -> Result<Vm, Error> {
-        let Parts { kvm, vm_fd, ram } = self;
+        let Parts { kvm, vm_fd, ram, log_dirty } = self;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
         let kbd_irq = EventFd::new(libc::EFD_NONBLOCK)?;
         vm_fd.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
@@ -797,9 +798,16 @@ impl Parts {
             tsc_khz,
             exit: None,
         };
+        let vm_fd = Arc::new(vm_fd);
+        let dirty = DirtyLog::new(vm_fd.clone(), ram.regions().to_vec(), log_dirty);
+        // A VM built from a state tracks writes from its very first one, so
+        // that its next snapshot can be incremental over that state's image.
+        let lineage = if log_dirty { Some(Arc::new(dirty.view(DirtyConsumer::Lineage)?)) } else { None };
         Ok(Vm {
-            vm_fd: Arc::new(vm_fd),
+            vm_fd,
             ram,
+            dirty,
+            lineage: Mutex::new(lineage),
             ctl: Arc::new(Control::new(count)),
             vcpus,
             threads: Mutex::new(Vec::new()),
