@@ -221,6 +221,8 @@ impl ControlError {
             ControlError::Migration(m) if m.is_cancelled() => Fault::Conflict,
             ControlError::Migration(m) if m.is_client_error() => Fault::Client,
             ControlError::Migration(MigrationError::Engine(crate::Error::NotConverging { .. })) => Fault::Conflict,
+            // The link or the peer's frames failed under the engine: the peer's side.
+            ControlError::Migration(MigrationError::Engine(crate::Error::Wire(_))) => Fault::Peer,
             ControlError::Migration(MigrationError::Engine(_)) => Fault::Vmm,
             ControlError::Migration(_) => Fault::Peer,
             ControlError::Snapshot(SnapshotError::Invalid(_)) => Fault::Client,
@@ -357,9 +359,22 @@ impl VmController {
                 return Err(ControlError::PostcopyPaused(e.to_string()));
             }
         }
+        // A cancel cuts the link, so the migration may fail with the cut
+        // rather than at its next frame: it was still the user's cancel.
+        let r = match r {
+            Err(e) if !e.is_cancelled() && {
+                let p = self.migration.lock().unwrap();
+                p.cancel_requested && !p.committed
+            } =>
+            {
+                Err(MigrationError::Engine(crate::Error::Cancelled))
+            }
+            r => r,
+        };
         {
             let mut p = self.migration.lock().unwrap();
             p.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+            p.link = None;
             match &r {
                 Ok(s) => {
                     p.state = Some(MigrationState::Completed);
@@ -427,6 +442,11 @@ impl VmController {
             return Err(ControlError::AlreadyCommitted);
         }
         p.cancel_requested = true;
+        // Whatever the migration waits for (a stalled peer's Accept or
+        // Ready, a full socket) ends now, not at the peer timeout.
+        if let Some(link) = &p.link {
+            link.cut();
+        }
         Ok(())
     }
 

@@ -376,6 +376,9 @@ pub struct MigrationProgress {
     /// A cancel was asked for; the migration stops at its next frame.
     #[serde(skip)]
     pub cancel_requested: bool,
+    /// Cuts the main stream, so that a cancel is not held up by a stalled peer.
+    #[serde(skip)]
+    pub link: Option<transport::LinkCutter>,
 }
 
 /// Shared progress handle.
@@ -651,6 +654,13 @@ pub fn migrate_out(
     set(MigrationState::Setup);
 
     let (mut r, mut w, kind) = route.open()?;
+    {
+        let mut p = progress.lock().unwrap();
+        p.link = Some(r.get_mut().cutter());
+        if p.cancel_requested {
+            return Err(MigrationError::Engine(crate::Error::Cancelled));
+        }
+    }
     let status = vm.status();
     let migration_id = random_hex();
     let hello = Hello {

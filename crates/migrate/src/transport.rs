@@ -614,6 +614,30 @@ pub struct TransportReader {
     rx_end: usize,
 }
 
+/// Cuts a connection from another thread: a reader or writer blocked on it
+/// returns at once with an error. A cancel uses it so that it does not wait
+/// out a stalled peer's timeout.
+#[derive(Clone)]
+pub struct LinkCutter {
+    shared: Arc<Shared>,
+}
+
+impl LinkCutter {
+    /// Shuts the socket down in both directions.
+    pub fn cut(&self) {
+        let _ = match &self.shared.sock {
+            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl fmt::Debug for LinkCutter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkCutter").field("peer", &self.shared.peer).finish()
+    }
+}
+
 /// The sending half of a [`Transport`], for a thread of its own.
 pub struct TransportWriter {
     shared: Arc<Shared>,
@@ -725,6 +749,11 @@ impl TransportReader {
             (Sock::Unix(s), None) => Some(s.as_raw_fd()),
             _ => None,
         }
+    }
+
+    /// A handle that can cut this connection from another thread.
+    pub fn cutter(&self) -> LinkCutter {
+        LinkCutter { shared: self.shared.clone() }
     }
 
     /// Limit how long one read may block (None: forever; zero is refused).
