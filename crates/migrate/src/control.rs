@@ -362,10 +362,11 @@ impl VmController {
         // A cancel cuts the link, so the migration may fail with the cut
         // rather than at its next frame: it was still the user's cancel.
         let r = match r {
-            Err(e) if !e.is_cancelled() && {
-                let p = self.migration.lock().unwrap();
-                p.cancel_requested && !p.committed
-            } =>
+            Err(e)
+                if !e.is_cancelled() && {
+                    let p = self.migration.lock().unwrap();
+                    p.cancel_requested && !p.committed
+                } =>
             {
                 Err(MigrationError::Engine(crate::Error::Cancelled))
             }

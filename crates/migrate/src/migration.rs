@@ -1543,6 +1543,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     }
     let mut got = result?;
     if let (Some(pc), Some((fr, fw))) = (pages_in, fault) {
+        pc.attach_vm(&got.vm);
         pc.start(r, w, fr, fw, opts.peer_timeout).map_err(|e| MigrationError::Engine(crate::Error::Mismatch(e)))?;
         got.postcopy = Some(IncomingPostcopy {
             pages: pc,

@@ -105,6 +105,10 @@ struct Dest {
     /// Which link the receivers belong to: a receiver of an old link that
     /// fails late must not pause the new one.
     generation: AtomicU32,
+    /// The guest, once it runs here: paused while the link is lost.
+    vm: Mutex<Option<std::sync::Weak<ferry_vmm::Vm>>>,
+    /// This side paused the guest for a lost link (and resumes it with the link).
+    paused_guest: AtomicBool,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -398,6 +402,8 @@ impl PostcopyIncoming {
             done_ms: Mutex::new(None),
             resumes: AtomicU32::new(0),
             generation: AtomicU32::new(0),
+            vm: Mutex::new(None),
+            paused_guest: AtomicBool::new(false),
         });
         let s = sh.clone();
         let h = std::thread::Builder::new()
@@ -405,6 +411,12 @@ impl PostcopyIncoming {
             .spawn(move || fault_handler(s))
             .map_err(|e| format!("starting the fault handler: {e}"))?;
         Ok(PostcopyIncoming { sh, threads: Mutex::new(vec![h]) })
+    }
+
+    /// The guest these pages are for, so that a lost link pauses it (the
+    /// issue's "the destination pauses the guest") and a resume runs it on.
+    pub(crate) fn attach_vm(&self, vm: &Arc<ferry_vmm::Vm>) {
+        *self.sh.vm.lock().unwrap() = Some(Arc::downgrade(vm));
     }
 
     /// Starts the receivers once the guest runs: pushed pages on `main`,
@@ -429,6 +441,11 @@ impl PostcopyIncoming {
             let mut p = self.sh.phase.lock().unwrap();
             if p.0 == PostcopyPhase::Paused {
                 *p = (PostcopyPhase::Active, None);
+            }
+        }
+        if self.sh.paused_guest.swap(false, Ordering::SeqCst) {
+            if let Some(vm) = self.sh.vm.lock().unwrap().as_ref().and_then(|v| v.upgrade()) {
+                let _ = vm.resume();
             }
         }
         // Faults that waited through a lost link ask again.
@@ -599,7 +616,17 @@ fn link_lost(sh: &Dest, generation: u32, why: String) {
     if let Some(mut w) = sh.fault_tx.lock().unwrap().take() {
         let _ = w.get_mut().shutdown();
     }
-    eprintln!("ferry: post-copy link lost ({why}); the guest waits for its missing pages until the source resumes");
+    // Pause the guest: a vCPU on a missing page is stuck anyway, the others
+    // should not run on while part of memory is away. Only if it ran (a
+    // user's pause stays the user's).
+    if let Some(vm) = sh.vm.lock().unwrap().as_ref().and_then(|v| v.upgrade()) {
+        if !vm.is_paused() && vm.request_pause().is_ok() {
+            sh.paused_guest.store(true, Ordering::SeqCst);
+        }
+    }
+    eprintln!(
+        "ferry: post-copy link lost ({why}); the guest is paused here with the pages it has, until the source resumes"
+    );
     sh.set_phase(PostcopyPhase::Paused, Some(why));
 }
 

@@ -529,6 +529,25 @@ impl Vm {
         }
     }
 
+    /// Asks every vCPU to pause and returns at once, without waiting for
+    /// them to park: a vCPU blocked on a page that has not arrived (post-copy
+    /// with its link lost) parks only once the page is there.
+    pub fn request_pause(&self) -> Result<(), Error> {
+        {
+            let mut c = self.ctl.inner.lock().unwrap();
+            match c.want {
+                Want::Stop => return Err(Error::WrongState { state: "stopped", what: "cannot pause" }),
+                Want::Pause => return Ok(()),
+                Want::Run => {
+                    c.want = Want::Pause;
+                    self.ctl.attention.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        self.kick_all();
+        Ok(())
+    }
+
     /// Resumes a paused VM.
     pub fn resume(&self) -> Result<(), Error> {
         let mut c = self.ctl.inner.lock().unwrap();
