@@ -3,7 +3,7 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -24,6 +24,8 @@ const SEEK_HOLE: i32 = 4;
 /// A [`MountView`] as a fuser filesystem.
 pub struct ImageFs {
     view: Arc<MountView>,
+    /// The read buffer, reused across requests.
+    scratch: Mutex<Vec<u8>>,
     mtime: SystemTime,
     uid: u32,
     gid: u32,
@@ -35,7 +37,7 @@ impl ImageFs {
         let mtime = std::fs::metadata(view.image()).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
         // SAFETY: getuid/getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        ImageFs { view, mtime, uid, gid }
+        ImageFs { view, scratch: Mutex::new(Vec::new()), mtime, uid, gid }
     }
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {
@@ -132,8 +134,9 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.view.read(ino.0, offset, size.min(MAX_READ) as usize) {
-            Ok(b) => reply.data(&b),
+        let mut buf = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        match self.view.read_into(ino.0, offset, size.min(MAX_READ) as usize, &mut buf) {
+            Ok(()) => reply.data(&buf),
             Err(_) => reply.error(Errno::EIO),
         }
     }

@@ -290,6 +290,20 @@ impl MountView {
     /// Reads up to `len` bytes of file `ino` at `offset`; fewer (or none) at the end of the
     /// file. A failure (a corrupt chunk) is reported to the failure callback and returned.
     pub fn read(&self, ino: u64, offset: u64, len: usize) -> std::result::Result<Vec<u8>, ReadFailure> {
+        let mut buf = Vec::new();
+        self.read_into(ino, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Like [`MountView::read`], into a buffer the caller reuses (no allocation and no
+    /// page faults per request on the FUSE path).
+    pub fn read_into(
+        &self,
+        ino: u64,
+        offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> std::result::Result<(), ReadFailure> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let fail = |reason: String| {
             let f = ReadFailure { file: self.path_of(ino), offset, len: len as u64, reason };
@@ -303,19 +317,20 @@ impl MountView {
         };
         let size = content.size();
         let n = size.saturating_sub(offset).min(len as u64) as usize;
-        let mut buf = vec![0u8; n];
+        // Every byte up to n is overwritten below; resizing a reused buffer keeps its pages.
+        buf.resize(n, 0);
         if n > 0 {
             match content {
                 Content::Bytes(b) => buf.copy_from_slice(&b[offset as usize..offset as usize + n]),
                 Content::Export { layout, .. } => {
                     let mut mem = self.mem.lock().unwrap_or_else(|p| p.into_inner());
-                    let got = layout.read_at(&mut *mem, offset, &mut buf).map_err(|e| fail(e.to_string()))?;
+                    let got = layout.read_at(&mut *mem, offset, buf).map_err(|e| fail(e.to_string()))?;
                     buf.truncate(got);
                 }
             }
         }
         self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Ok(buf)
+        Ok(())
     }
 
     /// SEEK_DATA (`data` true) or SEEK_HOLE from `offset` in file `ino`: the offset found,
