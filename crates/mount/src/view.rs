@@ -370,3 +370,66 @@ impl MountView {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_image::{ImageHeaderInput, ImageWriter, RamRange, WriteOptions};
+
+    /// An image of two RAM ranges with data at 0x1000 (1 page) and 0x200000 (2 pages).
+    fn image(dir: &Path) -> PathBuf {
+        let p = dir.join("t.img");
+        let input = ImageHeaderInput {
+            vm_config: serde_json::json!({}),
+            ranges: vec![RamRange::new(0, 1 << 20), RamRange::new(2 << 20, 1 << 20)],
+            parent: None,
+        };
+        let mut w = ImageWriter::create(&p, input, WriteOptions::default()).unwrap();
+        w.write_pages(0x1000, &[0xab; 4096]).unwrap();
+        w.write_pages(0x200000, &[0xcd; 8192]).unwrap();
+        w.finish(b"", &[CpuRegs { rip: 0x1234, cr3: 0x5000, ..Default::default() }]).unwrap();
+        p
+    }
+
+    #[test]
+    fn tree_reads_and_seeks() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = MountView::open(&image(dir.path()), None, &ViewOptions::default()).unwrap();
+        let pmem = v.lookup(ROOT, "pmem").unwrap().ino;
+        assert_eq!(v.path_of(pmem), "/pmem");
+        // Data and holes of the sparse physical-memory file.
+        assert_eq!(v.seek(pmem, 0, true), Some(0x1000));
+        assert_eq!(v.seek(pmem, 0x1000, false), Some(0x2000));
+        assert_eq!(v.seek(pmem, 0x2000, true), Some(0x200000));
+        assert_eq!(v.seek(pmem, 0x201fff, true), Some(0x201fff));
+        assert_eq!(v.seek(pmem, 0x200000, false), Some(0x202000));
+        assert_eq!(v.seek(pmem, 0x202000, true), None, "no data after the last run: ENXIO");
+        assert_eq!(v.seek(pmem, 0x202000, false), Some(0x202000));
+        assert_eq!(v.seek(pmem, 3 << 20, false), None, "at the end: ENXIO");
+        // Reads: data, a hole between ranges, and past the end.
+        assert_eq!(v.read(pmem, 0x1ffe, 4).unwrap(), vec![0xab, 0xab, 0, 0]);
+        assert_eq!(v.read(pmem, 0x100000, 16).unwrap(), vec![0; 16]);
+        assert_eq!(v.read(pmem, (3 << 20) - 2, 10).unwrap(), vec![0, 0]);
+        assert!(v.read(pmem, 3 << 20, 10).unwrap().is_empty());
+        assert!(v.read(pmem, u64::MAX, 10).unwrap().is_empty());
+        // The ELF core's headers are data; its memory follows the same holes.
+        let core = v.lookup(ROOT, "core.elf").unwrap().ino;
+        assert_eq!(v.seek(core, 0, true), Some(0));
+        assert_eq!(&v.read(core, 0, 4).unwrap(), b"\x7fELF");
+        // Registers and info.
+        let cpu = v.lookup(v.lookup(ROOT, "vcpu").unwrap().ino, "0").unwrap().ino;
+        let regs = v.lookup(cpu, "regs.json").unwrap().ino;
+        assert_eq!(v.path_of(regs), "/vcpu/0/regs.json");
+        let r: serde_json::Value = serde_json::from_slice(&v.read(regs, 0, 1 << 20).unwrap()).unwrap();
+        assert_eq!((r["rip"].as_u64(), r["cr3"].as_u64()), (Some(0x1234), Some(0x5000)));
+        let info = v.lookup(ROOT, "info.json").unwrap().ino;
+        let i: serde_json::Value = serde_json::from_slice(&v.read(info, 0, 1 << 20).unwrap()).unwrap();
+        assert_eq!(i["data_bytes"], 3 * 4096);
+        assert_eq!(i["chain"].as_array().map(|a| a.len()), Some(1));
+        // Not files, or missing.
+        assert!(v.read(ROOT, 0, 1).is_err());
+        assert!(v.lookup(ROOT, "nothing").is_none());
+        assert!(v.lookup(pmem, "x").is_none());
+        assert_eq!(v.stats().failed_reads, 1);
+    }
+}
