@@ -44,6 +44,9 @@ pub(crate) struct MountRun {
     export_warm_mb_s: f64,
     mount_cold_mb_s: f64,
     mount_warm_mb_s: f64,
+    /// CPU time (user + system) the mount process spent serving the cold read: a figure
+    /// the shared machine's load distorts less than the wall-clock rate.
+    mount_cold_cpu_s: f64,
     /// Peak resident memory of the `ferry image mount` process.
     mount_peak_rss_mib: f64,
     /// Windows the mount decoded, and served from its cache, during this round.
@@ -138,6 +141,21 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// User + system CPU seconds of a process so far (NaN if unreadable).
+fn cpu_secs(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may contain spaces) start at ") ".
+            let rest = s.rsplit_once(") ")?.1.split_whitespace().collect::<Vec<_>>();
+            let (u, k): (f64, f64) = (rest.get(11)?.parse().ok()?, rest.get(12)?.parse().ok()?);
+            Some((u + k) / tck)
+        })
+        .unwrap_or(f64::NAN)
+}
+
 /// A running `ferry image mount`, unmounted (lazily) and reaped on drop.
 struct MountKid {
     kid: Kid,
@@ -215,7 +233,9 @@ pub(crate) fn mount_bench(a: MountBenchArgs) -> Result<u8> {
         drop_cache(&img)?;
         let m = MountKid::start(&img, &mnt, timeout)?;
         let mounted = mnt.join("core.elf");
+        let cpu0 = cpu_secs(m.kid.child.id());
         let mount_cold = read_all(&mounted)?;
+        let mount_cold_cpu = cpu_secs(m.kid.child.id()) - cpu0;
         let mount_warm = read_all(&mounted)?;
         if i == 0 {
             identical = same_bytes(&mounted, &core)?;
@@ -228,12 +248,13 @@ pub(crate) fn mount_bench(a: MountBenchArgs) -> Result<u8> {
             export_warm_mb_s: export_warm,
             mount_cold_mb_s: mount_cold,
             mount_warm_mb_s: mount_warm,
+            mount_cold_cpu_s: mount_cold_cpu,
             mount_peak_rss_mib: rss,
             mount_cache_misses: cache["misses"].as_u64().unwrap_or(0),
             mount_cache_hits: cache["hits"].as_u64().unwrap_or(0),
         });
         log(format!(
-            "run {i}: export cold {export_cold:.0} warm {export_warm:.0} MB/s; mount cold {mount_cold:.0} warm {mount_warm:.0} MB/s"
+            "run {i}: export cold {export_cold:.0} warm {export_warm:.0} MB/s; mount cold {mount_cold:.0} warm {mount_warm:.0} MB/s, cold read cost the mount {mount_cold_cpu:.2} s CPU"
         ));
     }
     let med = |f: fn(&MountRun) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
@@ -272,6 +293,11 @@ pub(crate) fn mount_bench(a: MountBenchArgs) -> Result<u8> {
         println!(
             "  mount / export: cold {:.2}x, warm {:.2}x; identical bytes: {}",
             b.cold_ratio, b.warm_ratio, b.identical
+        );
+        let cpu = median(&b.runs.iter().map(|r| r.mount_cold_cpu_s).collect::<Vec<_>>());
+        println!(
+            "  mount CPU for one cold read: {cpu:.2} s ({:.0} MB per CPU second)",
+            b.core_elf_bytes as f64 / 1e6 / cpu
         );
         println!(
             "  mount process peak RSS: {:.0} MiB",
