@@ -327,3 +327,27 @@ fn corrupt_chunk_gives_eio_where_touched_writes_fail_and_sigterm_unmounts() {
     assert!(report["reads"]["failed_reads"].as_u64().unwrap() >= 1);
     assert!(!m.path("info.json").exists(), "still mounted after SIGTERM");
 }
+
+#[test]
+fn bad_mount_arguments_fail_clearly_without_mounting() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    let truncated = work.path().join("truncated.img");
+    std::fs::write(&truncated, b"FERRYIMG").unwrap();
+    let missing = work.path().join("missing");
+    let cases: [(Vec<&str>, &str); 3] = [
+        (vec!["image", "mount", "/nonexistent/x.img", s(&dir)], "open image"),
+        (vec!["image", "mount", s(&truncated), s(&dir)], "truncated"),
+        (vec!["image", "mount", s(&truncated), s(&missing)], "truncated"),
+    ];
+    for (args, want) in cases {
+        let o = ferry_cmd(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(err.contains(want) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+    // The image is checked before the mount point; a bad mount point with a good image is
+    // covered by the library (MountPoint error). Nothing was mounted.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+}
