@@ -24,6 +24,9 @@ pub struct MountArgs {
     /// Decoded memory kept in the cache, in MiB (1 MiB windows).
     #[arg(long, default_value = "32")]
     cache_mib: usize,
+    /// Do not decode the next 1 MiB ahead on a second thread during sequential reads.
+    #[arg(long)]
+    no_prefetch: bool,
     /// Let other users read the files (needs user_allow_other in /etc/fuse.conf unless root).
     #[arg(long)]
     allow_other: bool,
@@ -36,7 +39,7 @@ pub struct MountArgs {
 pub fn mount(a: MountArgs) -> Result<u8> {
     let _ = a.foreground;
     let key = a.key_file.as_ref().map(|f| UserKey::from_file(f)).transpose()?;
-    let opts = ViewOptions { window_bytes: 1 << 20, cache_windows: a.cache_mib };
+    let opts = ViewOptions { window_bytes: 1 << 20, cache_windows: a.cache_mib, prefetch: !a.no_prefetch };
     let view = MountView::open(&a.image, key.as_ref(), &opts)?.on_failure(|f| {
         eprintln!("ferry: read of {} at offset {} ({} bytes) failed with EIO: {}", f.file, f.offset, f.len, f.reason)
     });

@@ -17,7 +17,7 @@ use ferry_image::{CpuRegs, ExportFormat, FileLayout, ImageChain, MemorySource, U
 use serde::Serialize;
 
 use crate::cache::{CacheCounters, CacheStats, CachedMemory};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Inode number of the root directory (FUSE's fixed root).
 pub const ROOT: u64 = 1;
@@ -29,11 +29,14 @@ pub struct ViewOptions {
     pub window_bytes: u64,
     /// Windows kept decoded (memory used: about `window_bytes × cache_windows`).
     pub cache_windows: usize,
+    /// Decode the next window ahead on a second thread (with a second handle on the
+    /// chain) while a reader goes through a file sequentially.
+    pub prefetch: bool,
 }
 
 impl Default for ViewOptions {
     fn default() -> Self {
-        ViewOptions { window_bytes: 1 << 20, cache_windows: 32 }
+        ViewOptions { window_bytes: 1 << 20, cache_windows: 32, prefetch: true }
     }
 }
 
@@ -225,7 +228,12 @@ impl MountView {
         nodes[0].kind = NodeKind::Dir(root_children);
         nodes[vcpu_dir as usize - 1].kind = NodeKind::Dir(vcpu_children);
 
-        let mem = CachedMemory::new(chain, opts.window_bytes, opts.cache_windows);
+        let mut mem = CachedMemory::new(chain, opts.window_bytes, opts.cache_windows);
+        if opts.prefetch {
+            mem = mem
+                .with_prefetch(ImageChain::open(image, key)?)
+                .map_err(|e| Error::Sys { what: "starting the prefetch thread", source: e })?;
+        }
         Ok(MountView {
             image: image.to_path_buf(),
             nodes,
