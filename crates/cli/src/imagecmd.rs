@@ -1,4 +1,4 @@
-//! `ferry image verify|inspect|export|read|maps|scan|diff|stats`: working with image files offline
+//! `ferry image verify|inspect|export|read|maps|scan|diff|stats|mount`: working with image files offline
 //! (the analysis commands live in `inspectcmd`).
 
 use std::io::{BufWriter, Write};
@@ -54,6 +54,8 @@ pub enum ImageCmd {
     Diff(crate::inspectcmd::DiffArgs),
     /// Zero, duplicate (within and across images), entropy and compressibility statistics of pages.
     Stats(crate::inspectcmd::StatsArgs),
+    /// Show the image as read-only files (pmem, core.elf, mem.lime, info.json, vcpu/N/regs.json) via FUSE.
+    Mount(crate::mountcmd::MountArgs),
 }
 
 fn key(f: &Option<PathBuf>) -> Result<Option<UserKey>> {
@@ -148,21 +150,18 @@ pub fn run(cmd: ImageCmd) -> Result<u8> {
         ImageCmd::Scan(a) => crate::inspectcmd::scan(a),
         ImageCmd::Diff(a) => crate::inspectcmd::diff(a),
         ImageCmd::Stats(a) => crate::inspectcmd::stats(a),
+        ImageCmd::Mount(a) => crate::mountcmd::mount(a),
         ImageCmd::Export { image, format, out, key_file } => {
             let k = key(&key_file)?;
             let mut chain = ImageChain::open(&image, k.as_ref())?;
+            let Some(fmt) = ferry_image::ExportFormat::parse(&format) else {
+                bail!("unknown export format {format:?}: use lime, elf or raw")
+            };
+            let layout = fmt.layout(&mut chain)?;
             let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
             let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
             let mut w = BufWriter::with_capacity(1 << 20, f);
-            let res = match format.as_str() {
-                "lime" => ferry_image::write_lime(&mut chain, &mut w),
-                "elf" => ferry_image::write_elf_core(&mut chain, &mut w),
-                "raw" => ferry_image::write_raw(&mut chain, &mut w),
-                other => {
-                    let _ = std::fs::remove_file(&tmp);
-                    bail!("unknown export format {other:?}: use lime, elf or raw")
-                }
-            };
+            let res = layout.write_to(&mut chain, &mut w);
             let done = res.map_err(anyhow::Error::from).and_then(|n| {
                 w.flush()?;
                 w.get_ref().sync_all()?;

@@ -5,6 +5,7 @@ mod certs;
 mod http;
 mod imagecmd;
 mod inspectcmd;
+mod mountcmd;
 mod signals;
 
 use std::io::{Read, Write};

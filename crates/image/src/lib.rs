@@ -52,7 +52,9 @@ mod tests;
 pub use chain::{open_chain, resolve_parent_path, ImageChain, MAX_CHAIN_LEN};
 pub use crypto::{UserKey, KEY_FILE_CONTEXT, MAX_KEY_FILE_BYTES};
 pub use error::{Error, Result};
-pub use export::{write_elf_core, write_lime, write_raw, CpuRegs, MemorySource};
+pub use export::{
+    write_elf_core, write_lime, write_raw, CpuRegs, ExportFormat, Extent, ExtentKind, FileLayout, MemorySource,
+};
 pub use hash::Hash32;
 pub use header::{
     Codec, EncryptionParams, ImageHeader, ImageHeaderInput, ParentRef, RamRange, DEFAULT_CHUNK_SIZE, FORMAT_VERSION,

@@ -108,7 +108,6 @@ pub(crate) fn fill(map: &PageMap, decs: &mut [&mut ChunkDecoder], gpa: u64, buf:
             buf.len()
         )));
     }
-    buf.fill(0);
     let first = gpa / PAGE_SIZE;
     let mut pieces: Vec<(u16, u32, u32, u64, u64)> = map
         .query(first, (buf.len() / PAGE) as u64)
@@ -118,6 +117,16 @@ pub(crate) fn fill(map: &PageMap, decs: &mut [&mut ChunkDecoder], gpa: u64, buf:
             Src::Data { image, chunk, page } => Some((image, chunk, page, p - first, n)),
         })
         .collect();
+    // Zero only what no data piece covers (holes and zero runs): the rest is overwritten.
+    let mut covered: Vec<(u64, u64)> = pieces.iter().map(|p| (p.3, p.4)).collect();
+    covered.sort_unstable();
+    let mut at = 0u64;
+    for (dst, n) in covered.into_iter().chain(std::iter::once(((buf.len() / PAGE) as u64, 0))) {
+        if dst > at {
+            buf[at as usize * PAGE..dst as usize * PAGE].fill(0);
+        }
+        at = at.max(dst + n);
+    }
     pieces.sort_unstable();
     for (image, chunk, page, dst, n) in pieces {
         let dec =

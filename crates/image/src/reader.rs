@@ -102,7 +102,8 @@ impl ChunkDecoder {
 
     /// Reads `len` bytes at `offset` into `buf` (the caller has checked the range against the file).
     fn read_at(file: &File, path: &Path, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
-        buf.clear();
+        // Every byte is overwritten by the read: only grow (zeroing a reused buffer per
+        // chunk showed as a tenth of the time of random reads through a mount).
         buf.resize(len, 0);
         file.read_exact_at(buf, offset).map_err(|e| Error::io("read", path, e))
     }

@@ -7,8 +7,10 @@
 
 use std::io::Write;
 
-use super::{copy_range, out_err, write_zeros, CpuRegs, MemorySource, Segment};
+use super::layout::{ExtentKind, FileLayout};
+use super::{CpuRegs, MemorySource, Segment};
 use crate::error::{Error, Result};
+use crate::header::RamRange;
 
 const EHDR_SIZE: u64 = 64;
 const PHDR_SIZE: u64 = 56;
@@ -123,11 +125,9 @@ fn phdr(out: &mut Vec<u8>, ty: u32, flags: u32, offset: u64, vaddr: u64, paddr: 
     }
 }
 
-/// Writes an ELF64 ET_CORE file of the source's memory and vCPU registers.
-/// Returns bytes written.
-pub fn write_elf_core(src: &mut impl MemorySource, out: &mut impl Write) -> Result<u64> {
-    let ranges = src.ram_ranges();
-    let cpus = src.cpu_regs()?;
+/// The ELF core layout: ELF header, program headers (one PT_NOTE, one PT_LOAD
+/// per RAM range), the notes, zero padding to [`LOAD_ALIGN`], then each range's bytes.
+pub(crate) fn layout(ranges: &[RamRange], cpus: &[CpuRegs]) -> Result<FileLayout> {
     let phnum = ranges.len() + 1;
     if phnum >= 0xffff {
         return Err(Error::Export(format!("{} RAM ranges do not fit in an ELF program header table", ranges.len())));
@@ -136,7 +136,7 @@ pub fn write_elf_core(src: &mut impl MemorySource, out: &mut impl Write) -> Resu
     for (i, r) in cpus.iter().enumerate() {
         note(&mut notes, "CORE", NT_PRSTATUS, &prstatus(i, r));
     }
-    for r in &cpus {
+    for r in cpus {
         note(&mut notes, "QEMU", 0, &qemu_cpu_state(r));
     }
     let notes_off = EHDR_SIZE + PHDR_SIZE * phnum as u64;
@@ -161,19 +161,27 @@ pub fn write_elf_core(src: &mut impl MemorySource, out: &mut impl Write) -> Resu
     debug_assert_eq!(head.len() as u64, EHDR_SIZE);
     phdr(&mut head, PT_NOTE, 0, notes_off, 0, 0, notes.len() as u64, 0);
     let mut off = data_off;
-    for r in &ranges {
+    for r in ranges {
         phdr(&mut head, PT_LOAD, 7, off, r.start, r.start, r.len, 0);
         off += r.len;
     }
-    out.write_all(&head).map_err(out_err)?;
-    out.write_all(&notes).map_err(out_err)?;
-    write_zeros(out, data_off - notes_off - notes.len() as u64)?;
-    let mut buf = Vec::new();
-    for r in &ranges {
-        copy_range(src, r.start, r.len, out, &mut buf)?;
+    let pad = data_off - notes_off - notes.len() as u64;
+    head.extend_from_slice(&notes);
+    let mut l = FileLayout::default();
+    l.push_bytes(head);
+    l.push(pad, ExtentKind::Zeros);
+    for r in ranges {
+        l.push(r.len, ExtentKind::Memory { gpa: r.start });
     }
-    out.flush().map_err(out_err)?;
-    Ok(off)
+    debug_assert_eq!(l.size(), off);
+    Ok(l)
+}
+
+/// Writes an ELF64 ET_CORE file of the source's memory and vCPU registers (see [`layout`]).
+/// Returns bytes written.
+pub fn write_elf_core(src: &mut impl MemorySource, out: &mut impl Write) -> Result<u64> {
+    let cpus = src.cpu_regs()?;
+    layout(&src.ram_ranges(), &cpus)?.write_to(src, out)
 }
 
 #[cfg(test)]

@@ -3,10 +3,13 @@
 //! and a flat raw file.
 //!
 //! All exports read through [`MemorySource`], so an incremental chain exports
-//! the same bytes as the full image it stands for.
+//! the same bytes as the full image it stands for. Each format is described
+//! once as a [`FileLayout`] (which byte ranges are headers, padding or guest
+//! memory), shared by the streaming export and the mounted view.
 
 mod cpu;
 mod elf;
+mod layout;
 mod lime;
 mod raw;
 
@@ -14,6 +17,7 @@ use std::io::Write;
 
 pub use cpu::{CpuRegs, DescriptorTable, Segment};
 pub use elf::{write_elf_core, PRSTATUS_SIZE, QEMU_CPU_STATE_SIZE};
+pub use layout::{ExportFormat, Extent, ExtentKind, FileLayout};
 pub use lime::{write_lime, LIME_MAGIC};
 pub use raw::write_raw;
 

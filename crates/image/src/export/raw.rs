@@ -2,19 +2,24 @@
 
 use std::io::Write;
 
-use super::{copy_range, out_err, write_zeros, MemorySource};
+use super::layout::{ExtentKind, FileLayout};
+use super::MemorySource;
 use crate::error::Result;
+use crate::header::RamRange;
+
+/// The raw layout: file offset = guest-physical address; holes between (and
+/// before) RAM ranges are zero padding.
+pub(crate) fn layout(ranges: &[RamRange]) -> FileLayout {
+    let mut l = FileLayout::default();
+    for r in ranges {
+        l.push(r.start.saturating_sub(l.size()), ExtentKind::Zeros);
+        l.push(r.len, ExtentKind::Memory { gpa: r.start });
+    }
+    l
+}
 
 /// Writes guest memory as one flat file where file offset = guest-physical
 /// address; holes between (and before) RAM ranges are zero. Returns bytes written.
 pub fn write_raw(src: &mut impl MemorySource, out: &mut impl Write) -> Result<u64> {
-    let mut buf = Vec::new();
-    let mut pos = 0u64;
-    for r in src.ram_ranges() {
-        write_zeros(out, r.start - pos)?;
-        copy_range(src, r.start, r.len, out, &mut buf)?;
-        pos = r.end();
-    }
-    out.flush().map_err(out_err)?;
-    Ok(pos)
+    layout(&src.ram_ranges()).write_to(src, out)
 }
