@@ -218,7 +218,7 @@ fn yara_rules_find_planted_patterns_across_image_chunk_and_zero_gap_boundaries()
         .unwrap();
     assert_eq!(m["len"], 5 + 10 + 6, "{m}");
     // Identity-mapped: the virtual address is the physical one.
-    let m = r["matches"].as_array().unwrap().iter().find(|m| m["rule"] == "text_plant").unwrap();
+    let m = r["matches"].as_array().unwrap().iter().find(|m| m["rule"] == "text_plant" && m["pa"] == PLANT_AT).unwrap();
     assert!(m["va"].as_array().unwrap().iter().any(|v| v == PLANT_AT), "{m}");
     assert!(r["bytes_scanned"].as_u64().unwrap() < r["ram_bytes"].as_u64().unwrap() / 4, "zero memory is skipped: {r}");
     assert_eq!(y["matches_zeros"], false);
@@ -249,7 +249,7 @@ fn yara_rules_find_planted_patterns_across_image_chunk_and_zero_gap_boundaries()
     assert_eq!(z["truncated"], true);
     // Nothing in the image: no match, no matching rule.
     let none = dir.path().join("none.yar");
-    std::fs::write(&none, "rule none { strings: $b = { 01 02 03 04 05 06 07 08 } condition: $b }").unwrap();
+    std::fs::write(&none, "rule nothing { strings: $b = { 01 02 03 04 05 06 07 08 } condition: $b }").unwrap();
     let n = ok_json(&["image", "scan", s(&child), "--rules", s(&none), "--json"]);
     assert_eq!(n["total_matches"], 0, "{n}");
     assert_eq!(n["yara"]["matching_rules"].as_array().unwrap().len(), 0);

@@ -70,7 +70,7 @@ pub(crate) struct ScanFigures {
 #[derive(Serialize, Debug)]
 pub(crate) struct ScanBench {
     pub(crate) machine: Machine,
-    pub(crate) loadavg_before: Option<[f64; 3]>,
+    pub(crate) loadavg_before: String,
     pub(crate) mem_bytes: u64,
     pub(crate) rules: u32,
     pub(crate) ferry: Vec<ScanFigures>,
