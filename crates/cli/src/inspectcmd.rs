@@ -209,10 +209,10 @@ pub fn maps(a: MapsArgs) -> Result<u8> {
 pub fn scan(a: ScanArgs) -> Result<u8> {
     enum What {
         Literals(Literals),
-        Yara(YaraRules),
+        Yara(Box<YaraRules>),
     }
     let what = if let Some(path) = &a.rules {
-        What::Yara(YaraRules::from_file(path)?)
+        What::Yara(Box::new(YaraRules::from_file(path)?))
     } else {
         let mut pats = Vec::new();
         for s in &a.string {
