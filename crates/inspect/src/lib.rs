@@ -14,11 +14,14 @@ mod maps;
 mod mem;
 mod paging;
 mod read;
+mod redact;
 mod scan;
 mod stats;
 
 #[cfg(test)]
 mod diff_tests;
+#[cfg(test)]
+mod redact_tests;
 #[cfg(test)]
 mod tests;
 
@@ -28,5 +31,9 @@ pub use maps::{maps, MapRun, MapsReport, MAX_RUNS, MAX_TABLES};
 pub use mem::{BufMem, ImageMem, PhysMem};
 pub use paging::{translate, walk, Level, PageFlags, PagingContext, Step, Stop, StopReason, Translation};
 pub use read::{read_phys, read_virt, PhysRead, VirtPiece, VirtRead, MAX_READ};
+pub use redact::{
+    redact, report_path, Cause, PatternInfo, PhysRange, RedactReport, RedactSpec, Redaction, SourceImage,
+    MAX_REDACTIONS, REPORT_FORMAT,
+};
 pub use scan::{scan, Literals, Match, Matcher, Pattern, ScanOptions, ScanReport, MAX_PATTERN};
 pub use stats::{entropy, stats, Compressibility, ImageStats, Sharing, StatsOptions, StatsReport};
