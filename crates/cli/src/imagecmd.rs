@@ -1,4 +1,4 @@
-//! `ferry image verify|inspect|export|read|maps|scan|diff|stats`: working with image files offline
+//! `ferry image verify|inspect|export|read|maps|scan|diff|stats|redact`: working with image files offline
 //! (the analysis commands live in `inspectcmd`).
 
 use std::io::{BufWriter, Write};
@@ -54,6 +54,8 @@ pub enum ImageCmd {
     Diff(crate::inspectcmd::DiffArgs),
     /// Zero, duplicate (within and across images), entropy and compressibility statistics of pages.
     Stats(crate::inspectcmd::StatsArgs),
+    /// Write a copy with ranges and pattern matches overwritten, re-hashed (re-encrypted), plus an audit report.
+    Redact(crate::inspectcmd::RedactArgs),
 }
 
 fn key(f: &Option<PathBuf>) -> Result<Option<UserKey>> {
@@ -148,6 +150,7 @@ pub fn run(cmd: ImageCmd) -> Result<u8> {
         ImageCmd::Scan(a) => crate::inspectcmd::scan(a),
         ImageCmd::Diff(a) => crate::inspectcmd::diff(a),
         ImageCmd::Stats(a) => crate::inspectcmd::stats(a),
+        ImageCmd::Redact(a) => crate::inspectcmd::redact(a),
         ImageCmd::Export { image, format, out, key_file } => {
             let k = key(&key_file)?;
             let mut chain = ImageChain::open(&image, k.as_ref())?;

@@ -127,7 +127,7 @@ pub enum Error {
     },
 
     /// The written image still matches (a pattern made of the fill byte, say); it was removed.
-    #[error("the redacted copy still has {matches} match(es), the first at {first:#x}: a pattern matches the fill byte {fill:#04x}; choose another --fill")]
+    #[error("the redacted copy still has {matches} match(es), the first at {first:#x}, so it was not kept: if a pattern matches the fill byte {fill:#04x}, choose another --fill")]
     RedactionIncomplete {
         /// Matches left.
         matches: u64,

@@ -12,6 +12,8 @@
 //! the redacted image restores like the original. An encrypted input is
 //! re-encrypted with the same key under a fresh data key.
 //!
+//! The input chain is verified first (every chunk and section hash, the
+//! root), so a corrupt image is never laundered into a validly hashed copy.
 //! The output is checked before it gets its name: it is reopened, verified
 //! (every chunk hash and the root), and scanned again with the same matcher;
 //! a match left (e.g. a pattern made of the fill byte) fails the redaction.
@@ -84,6 +86,7 @@ impl FromStr for PhysRange {
 }
 
 /// What to redact and how.
+#[derive(Default)]
 pub struct RedactSpec<'a> {
     /// Physical ranges overwritten whole.
     pub ranges: Vec<PhysRange>,
@@ -100,11 +103,6 @@ pub struct RedactSpec<'a> {
     pub progress: Option<&'a dyn Fn(u64, u64)>,
 }
 
-impl Default for RedactSpec<'_> {
-    fn default() -> Self {
-        RedactSpec { ranges: Vec::new(), patterns: Vec::new(), rules: None, fill: 0, threads: 0, progress: None }
-    }
-}
 
 /// Why some bytes were redacted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -134,7 +132,8 @@ pub struct Redaction {
     pub start: u64,
     /// Bytes overwritten.
     pub len: u64,
-    /// What asked for it.
+    /// What asked for it (flattened: `kind` and `index` or `rule`).
+    #[serde(flatten)]
     pub cause: Cause,
 }
 
@@ -365,6 +364,8 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
             return Err(crate::mem::outside(mem.ranges(), r.start, r.end - r.start));
         }
     }
+    // A corrupt input must not come out re-hashed as a valid image: check every member first.
+    mem.chain().verify()?;
 
     // 1. Where: the ranges, then every match.
     let mut reds: Vec<Redaction> = spec
