@@ -507,5 +507,10 @@ pub fn redact(a: RedactArgs) -> Result<u8> {
         r.elapsed_secs
     );
     println!("report {}", r.report_path.display());
+    let p = &r.phases;
+    eprintln!(
+        "ferry: verify input {:.3} s, scan {:.3} s, write {:.3} s, check copy {:.3} s",
+        p.verify_input_secs, p.scan_secs, p.write_secs, p.check_secs
+    );
     Ok(0)
 }

@@ -103,7 +103,6 @@ pub struct RedactSpec<'a> {
     pub progress: Option<&'a dyn Fn(u64, u64)>,
 }
 
-
 /// Why some bytes were redacted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -195,8 +194,23 @@ pub struct RedactReport {
     pub image: ImageSummary,
     /// Bytes of guest memory searched for matches.
     pub bytes_scanned: u64,
+    /// Where the time went.
+    pub phases: Phases,
     /// Wall time of the whole redaction (scan, write, check).
     pub elapsed_secs: f64,
+}
+
+/// Wall time of each step of a redaction, in seconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Phases {
+    /// Verifying the input chain (every chunk and section hash).
+    pub verify_input_secs: f64,
+    /// Searching the input for matches.
+    pub scan_secs: f64,
+    /// Reading, overwriting and writing the copy (compression, encryption, hashing).
+    pub write_secs: f64,
+    /// Verifying the copy and searching it again.
+    pub check_secs: f64,
 }
 
 /// Literal patterns then a rule set, as one matcher (ids of the rules come after the
@@ -365,7 +379,11 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
         }
     }
     // A corrupt input must not come out re-hashed as a valid image: check every member first.
+    let mut phases = Phases::default();
+    let t = Instant::now();
     mem.chain().verify()?;
+    phases.verify_input_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
 
     // 1. Where: the ranges, then every match.
     let mut reds: Vec<Redaction> = spec
@@ -419,6 +437,7 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
             reds.push(Redaction { start: m.pa, len: m.len, cause });
         }
     }
+    phases.scan_secs = t.elapsed().as_secs_f64();
     reds.sort_by_key(|r| (r.start, r.len));
     let redacted = merge(&reds);
     let bytes_redacted = redacted.iter().map(|(s, e)| e - s).sum();
@@ -444,6 +463,7 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
     };
     let input_hdr =
         ImageHeaderInput { vm_config: header.vm_config.clone(), ranges: header.ranges.clone(), parent: None };
+    let t = Instant::now();
     let chain = mem.chain();
     let todo = stretches(&chain.data_extents(), &redacted);
     let total: u64 = todo.iter().map(|(s, e)| e - s).sum();
@@ -469,6 +489,8 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
     let cpus = chain.cpus()?;
     let summary = w.finish(&state, &cpus)?;
     drop(mem);
+    phases.write_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
 
     // 3. Check the copy: every hash, and no match left.
     let mut check = ImageMem::open(&tmp_img, key)?;
@@ -484,6 +506,7 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
         0
     };
     drop(check);
+    phases.check_secs = t.elapsed().as_secs_f64();
 
     let report = RedactReport {
         format: REPORT_FORMAT,
@@ -502,6 +525,7 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
         matches_after,
         image: ImageSummary { path: Some(out.to_path_buf()), ..summary },
         bytes_scanned,
+        phases,
         elapsed_secs: t0.elapsed().as_secs_f64(),
     };
 
