@@ -432,13 +432,21 @@ fn parse_range(s: &str) -> Result<ferry_inspect::PhysRange, String> {
 }
 
 /// Shows bytes written on a terminal (stderr), at most five times a second.
-fn progress_line(done: u64, total: u64, last: &std::cell::Cell<Option<std::time::Instant>>) {
+fn progress_line(
+    step: ferry_inspect::RedactStep,
+    done: u64,
+    total: u64,
+    last: &std::cell::Cell<Option<std::time::Instant>>,
+) {
     let now = std::time::Instant::now();
-    if last.get().is_some_and(|t| now.duration_since(t).as_millis() < 200) && done < total {
+    if total == 0 {
+        eprint!("\r\x1b[Kredact: {step}");
+    } else if last.get().is_none_or(|t| now.duration_since(t).as_millis() >= 200) || done >= total {
+        eprint!("\r\x1b[Kredact: {step}: {} of {} MiB", done >> 20, total >> 20);
+    } else {
         return;
     }
     last.set(Some(now));
-    eprint!("\r\x1b[Kredacting: {} of {} MiB written", done >> 20, total >> 20);
 }
 
 /// Writes a redacted copy and prints what was redacted.
@@ -454,7 +462,7 @@ pub fn redact(a: RedactArgs) -> Result<u8> {
     }
     let key = a.key_file.as_deref().map(UserKey::from_file).transpose()?;
     let last = std::cell::Cell::new(None);
-    let show = |d, t| progress_line(d, t, &last);
+    let show = |s, d, t| progress_line(s, d, t, &last);
     let tty = !a.json && std::io::stderr().is_terminal();
     let spec = ferry_inspect::RedactSpec {
         ranges: a.range.clone(),

@@ -99,8 +99,34 @@ pub struct RedactSpec<'a> {
     pub fill: u8,
     /// Threads scanning for matches (0: the CPUs, at most 8).
     pub threads: usize,
-    /// Called now and then with (bytes written, bytes to write), for a progress line.
-    pub progress: Option<&'a dyn Fn(u64, u64)>,
+    /// Called at the start of each step and, while writing, now and then with
+    /// (step, bytes written, bytes to write), for a progress line.
+    pub progress: Option<&'a dyn Fn(RedactStep, u64, u64)>,
+}
+
+/// The steps of a redaction, as progress reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedactStep {
+    /// Verifying the input chain.
+    VerifyInput,
+    /// Searching the input for matches.
+    Scan,
+    /// Writing the copy.
+    Write,
+    /// Verifying and searching the copy.
+    Check,
+}
+
+impl std::fmt::Display for RedactStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RedactStep::VerifyInput => "verifying the input",
+            RedactStep::Scan => "searching for matches",
+            RedactStep::Write => "writing the copy",
+            RedactStep::Check => "checking the copy",
+        })
+    }
 }
 
 /// Why some bytes were redacted.
@@ -283,6 +309,28 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     p.with_file_name(n)
 }
 
+/// What temp files of a redaction are called: `<out>.redact-tmp-<pid>` and
+/// `<out>.redaction.json.redact-tmp-<pid>`.
+const TMP_MARK: &str = ".redact-tmp-";
+
+/// Removes the temp files of earlier redactions to `out` by processes that no longer
+/// exist (killed: nothing ran their cleanup). Those of live processes are left alone.
+fn remove_stale_temps(out: &Path) {
+    let (Some(dir), Some(name)) = (out.parent(), out.file_name().and_then(|n| n.to_str())) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let report = format!("{name}.redaction.json");
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(f) = file.to_str() else { continue };
+        let pid = [name, report.as_str()].iter().find_map(|base| f.strip_prefix(base)?.strip_prefix(TMP_MARK));
+        let Some(Ok(pid)) = pid.map(|p| p.parse::<u32>()) else { continue };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Where the report of a redacted image `out` is kept: `<out>.redaction.json`.
 pub fn report_path(out: &Path) -> PathBuf {
     with_suffix(out, ".redaction.json")
@@ -357,7 +405,10 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
         .chain()
         .images()
         .iter()
-        .map(|i| SourceImage { path: i.path().to_path_buf(), root_hash: i.root_hash() })
+        .map(|i| SourceImage {
+            path: i.path().canonicalize().unwrap_or_else(|_| i.path().to_path_buf()),
+            root_hash: i.root_hash(),
+        })
         .collect();
     // Never write over any member of the chain being read (nor its report over one).
     let out_c = canonical(out);
@@ -381,9 +432,16 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
     // A corrupt input must not come out re-hashed as a valid image: check every member first.
     let mut phases = Phases::default();
     let t = Instant::now();
+    let step = |s: RedactStep| {
+        if let Some(p) = spec.progress {
+            p(s, 0, 0);
+        }
+    };
+    step(RedactStep::VerifyInput);
     mem.chain().verify()?;
     phases.verify_input_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
+    step(RedactStep::Scan);
 
     // 1. Where: the ranges, then every match.
     let mut reds: Vec<Redaction> = spec
@@ -452,8 +510,9 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
 
     // 2. Write the copy under a temp name (the writer itself writes a temp file and renames
     // it to this one), so nothing appears under `out` before the check below.
-    let tmp_img = with_suffix(out, &format!(".redact-tmp-{}", std::process::id()));
-    let tmp_rep = with_suffix(&report_at, &format!(".tmp-{}", std::process::id()));
+    remove_stale_temps(out);
+    let tmp_img = with_suffix(out, &format!("{TMP_MARK}{}", std::process::id()));
+    let tmp_rep = with_suffix(&report_at, &format!("{TMP_MARK}{}", std::process::id()));
     let mut temps = Temps(vec![tmp_img.clone(), tmp_rep.clone()]);
     let wopts = WriteOptions {
         codec: header.codec,
@@ -464,6 +523,7 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
     let input_hdr =
         ImageHeaderInput { vm_config: header.vm_config.clone(), ranges: header.ranges.clone(), parent: None };
     let t = Instant::now();
+    step(RedactStep::Write);
     let chain = mem.chain();
     let todo = stretches(&chain.data_extents(), &redacted);
     let total: u64 = todo.iter().map(|(s, e)| e - s).sum();
@@ -481,7 +541,7 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
             at += n as u64;
             done += n as u64;
             if let Some(p) = spec.progress {
-                p(done, total);
+                p(RedactStep::Write, done, total);
             }
         }
     }
@@ -491,6 +551,7 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
     drop(mem);
     phases.write_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
+    step(RedactStep::Check);
 
     // 3. Check the copy: every hash, and no match left.
     let mut check = ImageMem::open(&tmp_img, key)?;
@@ -510,8 +571,8 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
 
     let report = RedactReport {
         format: REPORT_FORMAT,
-        output: out.to_path_buf(),
-        report_path: report_at.clone(),
+        output: out_c.clone().unwrap_or_else(|| out.to_path_buf()),
+        report_path: rep_c.clone().unwrap_or_else(|| report_at.clone()),
         output_root_hash: summary.root_hash,
         source,
         encrypted: summary.encrypted,

@@ -120,6 +120,25 @@ fn a_chain_is_redacted_into_a_full_image_that_differs_only_where_redacted() {
 }
 
 #[test]
+fn temp_files_of_dead_redactions_are_removed_and_live_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _) = chain(dir.path(), None);
+    let out = dir.path().join("red.img");
+    // pid_max is at most 2^22, so this process cannot exist; pid 1 always does.
+    let dead = ["red.img.redact-tmp-4294967295", "red.img.redaction.json.redact-tmp-4294967295"];
+    let kept = ["red.img.redact-tmp-1", "other.img.redact-tmp-4294967295", "red.img.redact-tmp-x"];
+    for n in dead.iter().chain(&kept) {
+        std::fs::write(dir.path().join(n), b"x").unwrap();
+    }
+    let spec = RedactSpec { ranges: vec![PhysRange { start: 0, end: 1 }], ..RedactSpec::default() };
+    redact(&child, &out, None, &spec).unwrap();
+    let mut want: Vec<String> = kept.iter().map(|s| s.to_string()).collect();
+    want.extend(["red.img".to_string(), "red.img.redaction.json".to_string()]);
+    want.sort();
+    assert_eq!(leftovers(dir.path()), want);
+}
+
+#[test]
 fn an_encrypted_chain_is_re_encrypted_with_its_key() {
     let dir = tempfile::tempdir().unwrap();
     let key = UserKey::from_bytes(b"redaction key").unwrap();
