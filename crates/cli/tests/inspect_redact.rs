@@ -274,6 +274,8 @@ fn encrypted_images_stay_encrypted_and_bad_requests_fail_without_leaving_files()
     redact(&["--hex", "2a2a2a2a", "--fill", "0x2a", "--range", "0x300000..0x300010"], &["still has", "--fill"]);
     let same = fails(&["image", "redact", s(&plain), "--out", s(&plain), "--string", "hunter2"], &["is the input"]);
     assert!(same.contains("plain.img"), "{same}");
+    let spelled = dir.path().join(".").join("plain.img");
+    fails(&["image", "redact", s(&plain), "--out", s(&spelled), "--string", "hunter2"], &["is the input"]);
     assert!(std::fs::metadata(&plain).unwrap().len() > 0);
     // A corrupt input: one flipped byte in the middle of the file (inside a chunk).
     let corrupt = dir.path().join("corrupt.img");
