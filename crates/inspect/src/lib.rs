@@ -33,7 +33,7 @@ pub use paging::{translate, walk, Level, PageFlags, PagingContext, Step, Stop, S
 pub use read::{read_phys, read_virt, PhysRead, VirtPiece, VirtRead, MAX_READ};
 pub use redact::{
     redact, report_path, Cause, PatternInfo, Phases, PhysRange, RedactReport, RedactSpec, RedactStep, Redaction,
-    SourceImage, MAX_REDACTIONS, REPORT_FORMAT,
+    RuleInfo, SourceImage, MAX_REDACTIONS, REPORT_FORMAT,
 };
 pub use scan::{scan, Literals, Match, Matcher, Pattern, ScanOptions, ScanReport, MAX_PATTERN};
 pub use stats::{entropy, stats, Compressibility, ImageStats, Sharing, StatsOptions, StatsReport};

@@ -175,6 +175,15 @@ pub struct PatternInfo {
     pub matches: u64,
 }
 
+/// A rule of a rule set whose matches were redacted.
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleInfo {
+    /// `namespace:rule`, or the rule's name.
+    pub rule: String,
+    /// Matches overwritten.
+    pub matches: u64,
+}
+
 /// One member of the input chain.
 #[derive(Clone, Debug, Serialize)]
 pub struct SourceImage {
@@ -206,8 +215,8 @@ pub struct RedactReport {
     pub ranges: Vec<PhysRange>,
     /// The literal patterns given (kind and length only).
     pub patterns: Vec<PatternInfo>,
-    /// Matches per rule name, for a rule set.
-    pub rules: Vec<(String, u64)>,
+    /// Matches per rule, for a rule set.
+    pub rules: Vec<RuleInfo>,
     /// Every range and match, in address order (overlaps are listed per cause).
     pub redactions: Vec<Redaction>,
     /// Distinct bytes overwritten (overlaps counted once).
@@ -462,7 +471,7 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
             matches: 0,
         })
         .collect();
-    let mut rules: Vec<(String, u64)> = Vec::new();
+    let mut rules: Vec<RuleInfo> = Vec::new();
     let matcher = Both {
         lits: if nlits > 0 { Some(Literals::new(spec.patterns.clone())?) } else { None },
         // A NUL cannot start a rule identifier, so tags never collide with rule names.
@@ -486,9 +495,9 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
                         p.matches += 1;
                     }
                 }
-                Cause::Rule { rule } => match rules.iter_mut().find(|(n, _)| n == rule) {
-                    Some(e) => e.1 += 1,
-                    None => rules.push((rule.clone(), 1)),
+                Cause::Rule { rule } => match rules.iter_mut().find(|r| r.rule == *rule) {
+                    Some(e) => e.matches += 1,
+                    None => rules.push(RuleInfo { rule: rule.clone(), matches: 1 }),
                 },
                 Cause::Range { .. } => {}
             }
