@@ -12,7 +12,7 @@
 //! thin layer over the library crates and the benchmarks can grow without
 //! growing the binary's main module.
 //!
-//! Layout: `probe` (what is measured: boot, snapshot, migrate, and the host
+//! Layout: `probe` (what is measured: boot, snapshot, migrate, scan, and the host
 //! figures: machine, disk, codec, memory, schedstat, link), `peer` (the other
 //! VMMs: QEMU; Firecracker's comparison is a script), `report` (tables and
 //! JSON), and the plumbing (`child`, `vm`, `util`, `size`).
@@ -30,6 +30,7 @@ use anyhow::Result;
 use clap::Subcommand;
 
 pub use probe::migrate::MigrateBenchArgs;
+pub use probe::scan::ScanBenchArgs;
 pub use probe::snapshot::SnapBenchArgs;
 pub use run_report::RunReport;
 
@@ -65,6 +66,13 @@ pub enum BenchCmd {
         #[command(flatten)]
         args: MigrateBenchArgs,
     },
+    /// YARA scan of an image with many string rules (`ferry image scan --rules`): GB/s of
+    /// non-zero memory per core, against YARA-X's own scanner over the raw export.
+    Scan {
+        /// Its options.
+        #[command(flatten)]
+        args: ScanBenchArgs,
+    },
 }
 
 /// Runs a benchmark and returns the process exit status (0: it ran; a
@@ -82,5 +90,6 @@ pub fn run(cmd: BenchCmd) -> Result<u8> {
         }
         BenchCmd::Snapshot { args } => probe::snapshot::snapshot_bench(args),
         BenchCmd::Migrate { args } => probe::migrate::migrate_bench(args),
+        BenchCmd::Scan { args } => probe::scan::scan_bench(args),
     }
 }

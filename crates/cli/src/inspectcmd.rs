@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 use ferry_image::UserKey;
-use ferry_inspect::{ImageMem, Literals, PagingContext, Pattern, ScanOptions};
+use ferry_inspect::{ImageMem, Literals, PagingContext, Pattern, ScanOptions, YaraRules};
 
 /// Parses `0x...` as hex, anything else as decimal.
 pub fn parse_u64(s: &str) -> Result<u64, String> {
@@ -80,6 +80,10 @@ pub struct ScanArgs {
     /// Bytes to search for, in hex (`deadbeef`, `0xde ad`); repeatable.
     #[arg(long)]
     hex: Vec<String>,
+    /// A YARA rule file (YARA-X): text, hex and bounded regexp patterns; conditions are
+    /// evaluated over all of memory. Modules, `filesize`, offsets and unbounded patterns are refused.
+    #[arg(long, conflicts_with_all = ["string", "hex"])]
+    rules: Option<PathBuf>,
     /// Matches to list (all are counted).
     #[arg(long, default_value_t = 1000)]
     max_matches: usize,
@@ -203,17 +207,25 @@ pub fn maps(a: MapsArgs) -> Result<u8> {
 
 /// `ferry image scan`.
 pub fn scan(a: ScanArgs) -> Result<u8> {
-    let mut pats = Vec::new();
-    for s in &a.string {
-        pats.push(Pattern::string(s)?);
+    enum What {
+        Literals(Literals),
+        Yara(Box<YaraRules>),
     }
-    for h in &a.hex {
-        pats.push(Pattern::hex(h)?);
-    }
-    if pats.is_empty() {
-        bail!("give at least one --string or --hex pattern");
-    }
-    let matcher = Literals::new(pats)?;
+    let what = if let Some(path) = &a.rules {
+        What::Yara(Box::new(YaraRules::from_file(path)?))
+    } else {
+        let mut pats = Vec::new();
+        for s in &a.string {
+            pats.push(Pattern::string(s)?);
+        }
+        for h in &a.hex {
+            pats.push(Pattern::hex(h)?);
+        }
+        if pats.is_empty() {
+            bail!("give at least one --string or --hex pattern, or --rules FILE");
+        }
+        What::Literals(Literals::new(pats)?)
+    };
     let mut mem = open(&a.common)?;
     let explicit = a.tables.vcpu.is_some() || a.tables.cr3.is_some();
     let paging = if a.no_virt {
@@ -234,14 +246,42 @@ pub fn scan(a: ScanArgs) -> Result<u8> {
     if let Some(t) = a.threads {
         opts.threads = t.max(1);
     }
-    let r = ferry_inspect::scan(&mut mem, &matcher, &opts)?;
+    let r = match &what {
+        What::Literals(m) => ferry_inspect::scan(&mut mem, m, &opts)?,
+        What::Yara(rules) => {
+            let mut show = progress_line("yara scan");
+            let r = ferry_inspect::scan_yara(&mut mem, rules, &opts, &mut |d, t| show(d, t, false))?;
+            show(0, 0, true);
+            r
+        }
+    };
     if a.common.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(0);
     }
     for m in &r.matches {
         let va: Vec<String> = m.va.iter().map(|v| format!("{v:#x}")).collect();
-        println!("{:#014x}  {}  va {}", m.pa, m.pattern, if va.is_empty() { "-".into() } else { va.join(",") });
+        let name = match &m.rule {
+            Some(rule) => format!("{rule}:{}", m.pattern),
+            None => m.pattern.clone(),
+        };
+        println!("{:#014x}  {name}  va {}", m.pa, if va.is_empty() { "-".into() } else { va.join(",") });
+    }
+    if let Some(y) = &r.yara {
+        println!(
+            "{} of {} rule(s) matched{}{}",
+            y.matching_rules.len(),
+            y.rules,
+            if y.matching_rules.is_empty() { String::new() } else { format!(": {}", y.matching_rules.join(", ")) },
+            if y.feed.unsafe_edges > 0 {
+                format!(
+                    " ({} block edge(s) inside long words: fullword/\\b matches there are unsure)",
+                    y.feed.unsafe_edges
+                )
+            } else {
+                String::new()
+            }
+        );
     }
     println!(
         "{} match(es){}; scanned {:.1} MiB of {} MiB of RAM in {:.3} s ({:.2} GB/s)",
@@ -253,6 +293,39 @@ pub fn scan(a: ScanArgs) -> Result<u8> {
         r.bytes_scanned as f64 / r.elapsed_secs.max(1e-9) / 1e9
     );
     Ok(0)
+}
+
+/// A progress printer for a terminal: `show(done, total, finished)` rewrites one stderr line
+/// at most every 200 ms, and nothing at all when stderr is not a terminal.
+fn progress_line(what: &'static str) -> impl FnMut(u64, u64, bool) {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let t0 = std::time::Instant::now();
+    let mut last = t0;
+    let mut shown = false;
+    move |done, total, finished| {
+        if !tty {
+            return;
+        }
+        if finished {
+            if shown {
+                eprint!("\r\x1b[K");
+            }
+            return;
+        }
+        if last.elapsed() < std::time::Duration::from_millis(200) {
+            return;
+        }
+        last = std::time::Instant::now();
+        shown = true;
+        eprint!(
+            "\r\x1b[K{what}: {:.0} of {:.0} MiB ({:.0}%), {:.1} s",
+            done as f64 / 1048576.0,
+            total as f64 / 1048576.0,
+            100.0 * done as f64 / total.max(1) as f64,
+            t0.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// `ferry image diff`.
@@ -413,6 +486,10 @@ pub struct RedactArgs {
     /// Bytes whose every match is overwritten, in hex; repeatable.
     #[arg(long)]
     pub hex: Vec<String>,
+    /// A YARA rule file (as for `ferry image scan --rules`): the matches of every rule
+    /// whose condition holds are overwritten, reported by rule name.
+    #[arg(long)]
+    pub rules: Option<PathBuf>,
     /// Byte written over redacted bytes (0..=255).
     #[arg(long, value_parser = parse_u64, default_value = "0")]
     pub fill: u64,
@@ -432,7 +509,7 @@ fn parse_range(s: &str) -> Result<ferry_inspect::PhysRange, String> {
 }
 
 /// Shows bytes written on a terminal (stderr), at most five times a second.
-fn progress_line(
+fn redact_progress(
     step: ferry_inspect::RedactStep,
     done: u64,
     total: u64,
@@ -460,14 +537,15 @@ pub fn redact(a: RedactArgs) -> Result<u8> {
     for h in &a.hex {
         patterns.push(Pattern::hex(h)?);
     }
+    let rules = a.rules.as_deref().map(YaraRules::from_file).transpose()?;
     let key = a.key_file.as_deref().map(UserKey::from_file).transpose()?;
     let last = std::cell::Cell::new(None);
-    let show = |s, d, t| progress_line(s, d, t, &last);
+    let show = |s, d, t| redact_progress(s, d, t, &last);
     let tty = !a.json && std::io::stderr().is_terminal();
     let spec = ferry_inspect::RedactSpec {
         ranges: a.range.clone(),
         patterns,
-        rules: None,
+        rules: rules.as_ref(),
         fill,
         threads: a.threads.unwrap_or(0),
         progress: if tty { Some(&show) } else { None },

@@ -2,7 +2,8 @@
 //! (full and incremental), redact by string, hex and range with
 //! `ferry image redact`, and show that the secrets are gone, every other byte
 //! is unchanged, the copy verifies and restores (and the guest's own
-//! `verify` passes), encrypted inputs stay encrypted, and bad requests fail
+//! `verify` passes), encrypted inputs stay encrypted, YARA rules redact
+//! their matches, and bad requests fail
 //! clearly without leaving a file behind.
 
 mod common;
@@ -258,6 +259,28 @@ fn encrypted_images_stay_encrypted_and_bad_requests_fail_without_leaving_files()
     let o = ferry_cmd(&["image", "verify", s(&red), "--key-file", s(&key)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
+    // A YARA rule set: the matches of the rules that hold go, reported by rule name.
+    let rules = dir.path().join("secrets.yar");
+    std::fs::write(
+        &rules,
+        "rule planted_secret {\n strings:\n  $a = \"hunter2-PASSWORD\"\n  $b = { c0 ff ee 00 de ad }\n \
+         condition:\n  any of them\n}\nrule absent {\n strings:\n  $n = \"no-such-bytes-here\"\n condition:\n  $n\n}\n",
+    )
+    .unwrap();
+    let yred = dir.path().join("yara.img");
+    let r = ok_json(&["image", "redact", s(&plain), "--out", s(&yred), "--rules", s(&rules), "--json"]);
+    let reds = r["redactions"].as_array().unwrap();
+    assert!(reds.iter().all(|d| d["kind"] == "rule" && d["rule"] == "planted_secret"), "{r}");
+    assert!(reds.iter().any(|d| d["start"] == S1_AT && d["len"] == 16), "{r}");
+    assert!(reds.iter().any(|d| d["start"] == S2_AT && d["len"] == 6), "{r}");
+    assert_eq!(r["rules"][0]["rule"], "planted_secret", "{r}");
+    assert_eq!(r["rules"].as_array().unwrap().len(), 1, "a rule that does not hold redacts nothing: {r}");
+    assert_eq!(scan_count(&yred, None), 0);
+    let o = ferry_cmd(&["image", "scan", s(&yred), "--rules", s(&rules), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["total_matches"], 0, "{v}");
+
     // Bad requests: clear errors, no output, no report, no temp file.
     let bad = dir.path().join("bad.img");
     let redact = |extra: &[&str], expect: &[&str]| {
@@ -271,6 +294,10 @@ fn encrypted_images_stay_encrypted_and_bad_requests_fail_without_leaving_files()
     redact(&["--range", "0x301000..0x300000"], &["empty"]);
     redact(&["--fill", "256", "--string", "x"], &["--fill"]);
     redact(&[], &["nothing to redact"]);
+    let bad_rules = dir.path().join("whole-file.yar");
+    std::fs::write(&bad_rules, "rule big { condition: filesize > 100 }\n").unwrap();
+    redact(&["--rules", s(&bad_rules)], &["whole-file.yar", "filesize"]);
+    redact(&["--rules", s(&dir.path().join("missing.yar"))], &["missing.yar"]);
     redact(&["--hex", "2a2a2a2a", "--fill", "0x2a", "--range", "0x300000..0x300010"], &["still has", "--fill"]);
     let same = fails(&["image", "redact", s(&plain), "--out", s(&plain), "--string", "hunter2"], &["is the input"]);
     assert!(same.contains("plain.img"), "{same}");

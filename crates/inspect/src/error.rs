@@ -147,6 +147,40 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A YARA rule file cannot be read.
+    #[error("cannot read rules {path}: {reason}")]
+    RulesRead {
+        /// The file.
+        path: String,
+        /// Why (I/O error, size, encoding).
+        reason: String,
+    },
+
+    /// YARA-X refused the rules; its message names file, line and column.
+    #[error("invalid rules in {origin}:\n{message}")]
+    Rules {
+        /// The rule file.
+        origin: String,
+        /// yara-x's error.
+        message: String,
+    },
+
+    /// A rule needs what a memory scan cannot give (a whole file, an unbounded match).
+    #[error("{origin}:{line}: rule {rule}: {reason}")]
+    RuleRefused {
+        /// The rule file.
+        origin: String,
+        /// Line of the offending part.
+        line: usize,
+        /// The rule (`-` for a file-level statement no rule uses).
+        rule: String,
+        /// What it uses and why that is refused.
+        reason: String,
+    },
+
+    /// YARA-X failed while scanning (timeout, internal limit).
+    #[error("YARA scan failed: {0}")]
+    Yara(String),
 
     /// No image was given.
     #[error("no image given")]

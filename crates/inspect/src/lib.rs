@@ -3,13 +3,14 @@
 //!
 //! Everything reads guest-physical memory through [`PhysMem`], so the same
 //! page-table walker ([`translate`], [`maps`]), reader ([`read_phys`],
-//! [`read_virt`]) and scanner ([`scan`]) serve an image chain
+//! [`read_virt`]) and scanners ([`scan`], [`scan_yara`]) serve an image chain
 //! ([`ImageMem`]) or a plain buffer ([`BufMem`]). Results are `Serialize`
 //! structs so the CLI can print them for a person or as JSON.
 #![deny(missing_docs)]
 
 mod diff;
 mod error;
+mod feed;
 mod maps;
 mod mem;
 mod paging;
@@ -17,6 +18,7 @@ mod read;
 mod redact;
 mod scan;
 mod stats;
+mod yara;
 
 #[cfg(test)]
 mod diff_tests;
@@ -24,9 +26,12 @@ mod diff_tests;
 mod redact_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod yara_tests;
 
 pub use diff::{diff, ChangedRange, ChangedRun, DiffMode, DiffOptions, DiffReport, VirtDiff, VirtRegion};
 pub use error::{Error, Result};
+pub use feed::{FeedStats, EDGE_SLACK};
 pub use maps::{maps, MapRun, MapsReport, MAX_RUNS, MAX_TABLES};
 pub use mem::{BufMem, ImageMem, PhysMem};
 pub use paging::{translate, walk, Level, PageFlags, PagingContext, Step, Stop, StopReason, Translation};
@@ -37,3 +42,4 @@ pub use redact::{
 };
 pub use scan::{scan, Literals, Match, Matcher, Pattern, ScanOptions, ScanReport, MAX_PATTERN};
 pub use stats::{entropy, stats, Compressibility, ImageStats, Sharing, StatsOptions, StatsReport};
+pub use yara::{scan_yara, YaraRules, YaraSummary, MAX_MATCHES_PER_PATTERN, MAX_RULES_FILE, MAX_YARA_PATTERN};

@@ -1,9 +1,10 @@
 //! Redaction: a copy of an image with chosen bytes overwritten, so an image
 //! can be shared without what is private in it.
 //!
-//! What to overwrite comes from physical ranges and from matches of a
-//! [`Matcher`] (literal strings and hex patterns, or a rule set), found by
-//! the ordinary [`scan`] over the input's final contents. The input may be a
+//! What to overwrite comes from physical ranges and from matches of literal
+//! strings and hex patterns ([`scan`]) and of a YARA rule set
+//! ([`scan_yara`]: the matches of the rules whose conditions hold), found
+//! over the input's final contents. The input may be a
 //! chain; the output is always a *full* image (no parent: a child of the
 //! unredacted parent would still reveal the parent's bytes, and a reader
 //! would need the parent) with the leaf's VM configuration, RAM layout,
@@ -15,7 +16,7 @@
 //! The input chain is verified first (every chunk and section hash, the
 //! root), so a corrupt image is never laundered into a validly hashed copy.
 //! The output is checked before it gets its name: it is reopened, verified
-//! (every chunk hash and the root), and scanned again with the same matcher;
+//! (every chunk hash and the root), and scanned again with the same patterns and rules;
 //! a match left (e.g. a pattern made of the fill byte) fails the redaction.
 //! The [`RedactReport`] (what was overwritten: addresses, lengths and which
 //! range, pattern index or rule caused it, never the bytes) is written next
@@ -37,7 +38,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::mem::{ImageMem, PhysMem};
-use crate::scan::{scan, Hit, Literals, Matcher, Pattern, ScanOptions};
+use crate::scan::{scan, Literals, Match, Pattern, ScanOptions, ScanReport};
+use crate::yara::{scan_yara, YaraRules};
 
 /// Most matches one redaction overwrites; beyond it the redaction fails
 /// (rather than leave matches behind) and the patterns need narrowing.
@@ -93,8 +95,9 @@ pub struct RedactSpec<'a> {
     /// Literal patterns (`--string`, `--hex`); every match is overwritten. Reported by
     /// index and kind only: their names hold the secret.
     pub patterns: Vec<Pattern>,
-    /// Another matcher (a rule set); its names (rule names) are reported.
-    pub rules: Option<&'a (dyn Matcher + Sync)>,
+    /// A YARA rule set: the matches of the rules whose conditions hold are overwritten,
+    /// reported by rule name.
+    pub rules: Option<&'a YaraRules>,
     /// The byte written over redacted bytes.
     pub fill: u8,
     /// Threads scanning for matches (0: the CPUs, at most 8).
@@ -248,55 +251,41 @@ pub struct Phases {
     pub check_secs: f64,
 }
 
-/// Literal patterns then a rule set, as one matcher (ids of the rules come after the
-/// patterns). Literal patterns are named by a tag holding their index (their own names
-/// hold the secret), which [`Both::cause`] turns back into a [`Cause`].
-struct Both<'a> {
-    lits: Option<Literals>,
-    tags: Vec<String>,
-    rules: Option<&'a (dyn Matcher + Sync)>,
+/// The literal patterns renamed by a tag holding their index (their names hold the secret,
+/// and a match's name is how [`cause`] finds its pattern again).
+fn literals(patterns: &[Pattern]) -> Result<Option<Literals>> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let tagged =
+        patterns.iter().enumerate().map(|(i, p)| Pattern { name: format!("#{i}"), bytes: p.bytes.clone() }).collect();
+    Ok(Some(Literals::new(tagged)?))
 }
 
-impl Both<'_> {
-    /// The cause of a match named `name` (a tag, or a rule's name).
-    fn cause(&self, name: &str) -> Cause {
-        match self.tags.iter().position(|t| t == name) {
-            Some(index) => Cause::Pattern { index },
-            None => Cause::Rule { rule: name.to_string() },
-        }
+/// Why a match is redacted: its rule, or the literal pattern its tag names.
+fn cause(m: &Match) -> Cause {
+    match (&m.rule, m.pattern.strip_prefix('#').and_then(|i| i.parse().ok())) {
+        (Some(rule), _) => Cause::Rule { rule: rule.clone() },
+        (None, Some(index)) => Cause::Pattern { index },
+        (None, None) => Cause::Rule { rule: m.pattern.clone() },
     }
 }
 
-impl Matcher for Both<'_> {
-    fn max_len(&self) -> usize {
-        let a = self.lits.as_ref().map_or(1, |l| l.max_len());
-        a.max(self.rules.map_or(1, |r| r.max_len()))
+/// Searches `mem` with the literal patterns and the rules, one report each.
+fn find(
+    mem: &mut ImageMem,
+    lits: Option<&Literals>,
+    rules: Option<&YaraRules>,
+    opts: &ScanOptions,
+) -> Result<Vec<ScanReport>> {
+    let mut out = Vec::new();
+    if let Some(l) = lits {
+        out.push(scan(mem, l, opts)?);
     }
-
-    fn matches_zeros(&self) -> bool {
-        self.lits.as_ref().is_some_and(|l| l.matches_zeros()) || self.rules.is_some_and(|r| r.matches_zeros())
+    if let Some(r) = rules {
+        out.push(scan_yara(mem, r, opts, &mut |_, _| {})?);
     }
-
-    fn find(&self, block: &[u8], out: &mut Vec<Hit>) {
-        if let Some(l) = &self.lits {
-            l.find(block, out);
-        }
-        if let Some(r) = self.rules {
-            let from = out.len();
-            r.find(block, out);
-            for h in &mut out[from..] {
-                h.pattern += self.tags.len();
-            }
-        }
-    }
-
-    fn name(&self, id: usize) -> &str {
-        match (self.tags.get(id), self.rules) {
-            (Some(t), _) => t,
-            (None, Some(rules)) => rules.name(id - self.tags.len()),
-            (None, None) => "?",
-        }
-    }
+    Ok(out)
 }
 
 /// Canonical form of a path that may not exist yet (its directory must).
@@ -459,7 +448,6 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
         .enumerate()
         .map(|(index, r)| Redaction { start: r.start, len: r.end - r.start, cause: Cause::Range { index } })
         .collect();
-    let nlits = spec.patterns.len();
     let mut pinfo: Vec<PatternInfo> = spec
         .patterns
         .iter()
@@ -472,23 +460,17 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
         })
         .collect();
     let mut rules: Vec<RuleInfo> = Vec::new();
-    let matcher = Both {
-        lits: if nlits > 0 { Some(Literals::new(spec.patterns.clone())?) } else { None },
-        // A NUL cannot start a rule identifier, so tags never collide with rule names.
-        tags: (0..nlits).map(|i| format!("\0pattern-{i}")).collect(),
-        rules: spec.rules,
-    };
     let threads = if spec.threads == 0 { ScanOptions::default().threads } else { spec.threads };
     let opts = ScanOptions { max_matches: MAX_REDACTIONS, paging: None, threads, ..ScanOptions::default() };
+    let lits = literals(&spec.patterns)?;
     let mut bytes_scanned = 0;
-    if nlits > 0 || spec.rules.is_some() {
-        let found = scan(&mut mem, &matcher, &opts)?;
-        if found.truncated {
-            return Err(Error::TooManyMatches { found: found.total_matches, max: MAX_REDACTIONS });
+    for r in find(&mut mem, lits.as_ref(), spec.rules, &opts)? {
+        if r.truncated {
+            return Err(Error::TooManyMatches { found: r.total_matches, max: MAX_REDACTIONS });
         }
-        bytes_scanned = found.bytes_scanned;
-        for m in found.matches {
-            let cause = matcher.cause(&m.pattern);
+        bytes_scanned += r.bytes_scanned;
+        for m in r.matches {
+            let cause = cause(&m);
             match &cause {
                 Cause::Pattern { index } => {
                     if let Some(p) = pinfo.get_mut(*index) {
@@ -565,16 +547,15 @@ pub fn redact(input: &Path, out: &Path, key: Option<&UserKey>, spec: &RedactSpec
     // 3. Check the copy: every hash, and no match left.
     let mut check = ImageMem::open(&tmp_img, key)?;
     check.chain().verify()?;
-    let matches_after = if nlits > 0 || spec.rules.is_some() {
-        let left = scan(&mut check, &matcher, &ScanOptions { max_matches: 16, ..opts })?;
+    let mut matches_after = 0;
+    let few = ScanOptions { max_matches: 16, ..opts };
+    for left in find(&mut check, lits.as_ref(), spec.rules, &few)? {
+        matches_after += left.total_matches;
         if left.total_matches > 0 {
             let at = left.matches.first().map_or(0, |m| m.pa);
             return Err(Error::RedactionIncomplete { matches: left.total_matches, first: at, fill: spec.fill });
         }
-        left.total_matches
-    } else {
-        0
-    };
+    }
     drop(check);
     phases.check_secs = t.elapsed().as_secs_f64();
 

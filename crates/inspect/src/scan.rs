@@ -9,7 +9,8 @@
 //! ranges) is found, exactly once: by the block that holds its last byte.
 //! Blocks are independent, so several threads (each with its own handle on
 //! the image) take them in turn. What is searched for is behind the
-//! [`Matcher`] trait: [`Literals`] today, a YARA-X rule set later.
+//! [`Matcher`] trait ([`Literals`]); YARA-X rule sets, whose conditions need
+//! every block in one place, are fed the same blocks by `crate::feed`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -163,7 +164,10 @@ impl Default for ScanOptions {
 /// One match.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Match {
-    /// The pattern's name.
+    /// The YARA rule whose pattern matched (`None` for `--string`/`--hex` patterns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The pattern's name (`$a` for a YARA pattern).
     pub pattern: String,
     /// Physical address of the first matched byte.
     pub pa: u64,
@@ -194,10 +198,13 @@ pub struct ScanReport {
     pub paging: Option<PagingContext>,
     /// Wall time of the scan (reading, decoding and searching).
     pub elapsed_secs: f64,
+    /// YARA rules that matched and what the rule set needed (only for a `--rules` scan).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub yara: Option<crate::yara::YaraSummary>,
 }
 
 /// RAM ranges joined where adjacent: memory a match may run across.
-fn spans(mem: &dyn PhysMem) -> Vec<(u64, u64)> {
+pub(crate) fn spans(mem: &dyn PhysMem) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for r in mem.ranges() {
         match out.last_mut() {
@@ -210,7 +217,7 @@ fn spans(mem: &dyn PhysMem) -> Vec<(u64, u64)> {
 
 /// The (start, end) stretches to read: each data extent widened by `pad` bytes both ways,
 /// clipped to its span of RAM, merged where they touch.
-fn segments(spans: &[(u64, u64)], extents: &[(u64, u64)], pad: u64) -> Vec<(u64, u64)> {
+pub(crate) fn segments(spans: &[(u64, u64)], extents: &[(u64, u64)], pad: u64) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &(s, len) in extents {
         let e = s.saturating_add(len);
@@ -279,19 +286,17 @@ pub fn scan(mem: &mut dyn PhysMem, matcher: &(dyn Matcher + Sync), opts: &ScanOp
     }
     found.sort_unstable();
     found.truncate(opts.max_matches);
-    let index = match &opts.paging {
-        Some(ctx) => Some(PaIndex::new(maps(mem, ctx)?.runs)),
-        None => None,
-    };
     let matches = found
         .into_iter()
         .map(|(pa, id, len)| Match {
+            rule: None,
             pattern: matcher.name(id).to_string(),
             pa,
             len: len as u64,
-            va: index.as_ref().map(|i| i.vas(pa)).unwrap_or_default(),
+            va: vec![],
         })
         .collect();
+    let matches = with_virtual_addresses(mem, opts.paging.as_ref(), matches)?;
     Ok(ScanReport {
         matches,
         total_matches: total,
@@ -302,7 +307,23 @@ pub fn scan(mem: &mut dyn PhysMem, matcher: &(dyn Matcher + Sync), opts: &ScanOp
         threads: nthreads,
         paging: opts.paging,
         elapsed_secs: t0.elapsed().as_secs_f64(),
+        yara: None,
     })
+}
+
+/// Fills in the virtual addresses that map each match in the page tables `paging` (if any).
+pub(crate) fn with_virtual_addresses(
+    mem: &mut dyn PhysMem,
+    paging: Option<&PagingContext>,
+    mut matches: Vec<Match>,
+) -> Result<Vec<Match>> {
+    if let Some(ctx) = paging {
+        let index = PaIndex::new(maps(mem, ctx)?.runs);
+        for m in &mut matches {
+            m.va = index.vas(m.pa);
+        }
+    }
+    Ok(matches)
 }
 
 /// One stretch to search: bytes `from..end` are read, hits ending after `start` count.

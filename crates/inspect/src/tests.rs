@@ -271,7 +271,7 @@ fn fuzz_walker_against_random_tables() {
 // ---- scanning real images --------------------------------------------------
 
 /// RAM: two adjacent ranges (a match may cross between them), then a hole.
-fn scan_ranges() -> Vec<RamRange> {
+pub(crate) fn scan_ranges() -> Vec<RamRange> {
     vec![RamRange::new(0, 0x40000), RamRange::new(0x40000, 0x20000), RamRange::new(0x100000, 0x40000)]
 }
 
@@ -279,7 +279,7 @@ fn scan_ranges() -> Vec<RamRange> {
 /// a data/zero-gap boundary, a zero-gap/data boundary, an explicit zero-run boundary, a round-2
 /// override and the two adjacent RAM ranges; one stale copy is overwritten in round 2 and one
 /// straddles the hole (neither may be found). Returns the image and the final memory.
-fn planted_image(dir: &std::path::Path, pat: &[u8]) -> (std::path::PathBuf, Vec<u8>) {
+pub(crate) fn planted_image(dir: &std::path::Path, pat: &[u8]) -> (std::path::PathBuf, Vec<u8>) {
     let mut model = vec![0u8; 0x140000];
     let h = pat.len() / 2;
     let put = |m: &mut Vec<u8>, at: usize, b: &[u8]| m[at..at + b.len()].copy_from_slice(b);
@@ -331,7 +331,7 @@ fn planted_image(dir: &std::path::Path, pat: &[u8]) -> (std::path::PathBuf, Vec<
 }
 
 /// Every match of `pat` in the model's RAM, never across the hole.
-fn naive(model: &[u8], pat: &[u8]) -> Vec<u64> {
+pub(crate) fn naive(model: &[u8], pat: &[u8]) -> Vec<u64> {
     let mut out = vec![];
     for (a, b) in [(0usize, 0x60000usize), (0x100000, 0x140000)] {
         for i in a..=b - pat.len() {

@@ -4,4 +4,5 @@
 pub(crate) mod boot;
 pub(crate) mod host;
 pub(crate) mod migrate;
+pub(crate) mod scan;
 pub(crate) mod snapshot;
