@@ -81,6 +81,52 @@ impl Plant {
     }
 }
 
+/// Most `plant=` words on one command line (each is written, in order).
+pub const MAX_PLANTS: usize = 8;
+
+/// The `plant=` words of a command line, in order (a fixed array: no allocator in the guest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plants {
+    list: [Option<Plant>; MAX_PLANTS],
+}
+
+impl Plants {
+    /// No plants.
+    pub const fn new() -> Self {
+        Plants { list: [None; MAX_PLANTS] }
+    }
+
+    /// Adds one; `false` when there are already [`MAX_PLANTS`].
+    fn push(&mut self, p: Plant) -> bool {
+        match self.list.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => {
+                *slot = Some(p);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The plants in command-line order.
+    pub fn iter(&self) -> impl Iterator<Item = &Plant> + '_ {
+        self.list.iter().map_while(|p| p.as_ref())
+    }
+
+    /// The last plant given (the only one on most command lines).
+    pub fn last(&self) -> Option<Plant> {
+        self.iter().last().copied()
+    }
+}
+
+impl Default for Plants {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Largest `scratch=` region in MiB.
+pub const MAX_SCRATCH_MIB: u64 = 1024;
+
 /// Parsed boot command line; `None` means "use the default".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -108,8 +154,11 @@ pub struct Config {
     pub crash: Option<Crash>,
     /// `exit=<n>`: print a line and exit at once with status n.
     pub exit: Option<u8>,
-    /// `plant=<hex>@<gpa>`: bytes written at an address after boot.
-    pub plant: Option<Plant>,
+    /// `plant=<hex>@<gpa>` (repeatable, up to [`MAX_PLANTS`]): bytes written at addresses after boot.
+    pub plants: Plants,
+    /// `scratch=<MiB>`: RAM at the start of the workload area filled with data
+    /// that `verify` never checks (plants there survive the dirty workload).
+    pub scratch_mib: Option<u64>,
 }
 
 impl Default for Config {
@@ -127,7 +176,8 @@ impl Default for Config {
             tsc_khz: None,
             crash: None,
             exit: None,
-            plant: None,
+            plants: Plants::new(),
+            scratch_mib: None,
         }
     }
 }
@@ -190,7 +240,10 @@ pub fn parse(line: &str) -> Result<Config, &str> {
                 c.crash = Some(Crash::MmioExec);
                 true
             }
-            ("plant", Some(v)) => Plant::parse(v).map(|p| c.plant = Some(p)).is_some(),
+            ("plant", Some(v)) => Plant::parse(v).is_some_and(|p| c.plants.push(p)),
+            ("scratch", Some(v)) => {
+                num(v).filter(|&n| (1..=MAX_SCRATCH_MIB).contains(&n)).map(|n| c.scratch_mib = Some(n)).is_some()
+            }
             ("exit", Some(v)) => num(v).filter(|&n| n <= 255).map(|n| c.exit = Some(n as u8)).is_some(),
             _ => false,
         };

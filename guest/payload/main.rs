@@ -21,7 +21,7 @@ use core::fmt::Write;
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hw::{rdtsc, TscSource};
-use pattern::{expected_gen, page_word, random_seed, random_word, slice_of, Region, PAGE_WORDS};
+use pattern::{expected_gen, page_word, random_seed, random_word, slice_of, Region, PAGE_WORDS, SCRATCH_GEN};
 
 /// Most CPUs the guest drives (one stack and counter block each).
 pub const MAX_CPUS: usize = 32;
@@ -304,8 +304,19 @@ extern "C" fn bsp_main(start_info: u64) -> ! {
         bi.cmdline
     );
 
-    if let Some(p) = cfg.plant {
-        // Only inside one RAM range of the workload region: never over the guest itself.
+    // Scratch: the first `scratch` MiB of the workload area, filled with data
+    // (random_page(SCRATCH_GEN, pfn)) that no verify checks; the workload region follows it.
+    let mut workload_start = region_start;
+    if let Some(mib) = cfg.scratch_mib {
+        let scratch = Region::from_ram(bi.ram, region_start, mib.saturating_mul(MIB / 4096));
+        write_random(&scratch, 0, scratch.pages(), SCRATCH_GEN);
+        let last = scratch.pages().checked_sub(1).and_then(|i| scratch.pfn(i)).unwrap_or(region_start / 4096 - 1);
+        workload_start = (last + 1) * 4096;
+        say!("SCRATCH gpa={:#x} end={:#x} pages={}", region_start, workload_start, scratch.pages());
+    }
+
+    for p in cfg.plants.iter() {
+        // Only inside one RAM range of the workload area: never over the guest itself.
         let end = p.gpa.checked_add(p.len as u64);
         let ok = end.is_some_and(|e| p.gpa >= region_start && bi.ram.iter().any(|r| r.0 <= p.gpa && e <= r.0 + r.1));
         if !ok {
@@ -371,7 +382,7 @@ extern "C" fn bsp_main(start_info: u64) -> ! {
         }
         Mode::Dirty => {
             let max_pages = cfg.mem_mib.map_or(u64::MAX, |m| m.saturating_mul(MIB / 4096));
-            su.region = Region::from_ram(bi.ram, region_start, max_pages);
+            su.region = Region::from_ram(bi.ram, workload_start, max_pages);
             let pages = su.region.pages();
             let n = su.ncpus as u64;
             let mut wss = cfg.wss_mib.unwrap_or(64).saturating_mul(MIB / 4096).min(pages);

@@ -15,6 +15,10 @@ pub const PAGE_SIZE: usize = 4096;
 /// 8-byte words per workload page.
 pub const PAGE_WORDS: usize = PAGE_SIZE / 8;
 
+/// Generation of the `scratch=` region's pages: each holds
+/// `random_page(SCRATCH_GEN, pfn)`, a value no workload pass reaches.
+pub const SCRATCH_GEN: u64 = 0x5c7a_0000;
+
 /// The word at offset 0 of a workload page: generation in the high half, the
 /// low 32 bits of the page frame number in the low half.
 pub const fn page_word(gen: u64, pfn: u64) -> u64 {

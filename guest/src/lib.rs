@@ -82,13 +82,27 @@ mod tests {
 
     #[test]
     fn plant_word() {
-        let p = parse("idle plant=46455252@0x400ffe").unwrap().plant.unwrap();
+        let p = parse("idle plant=46455252@0x400ffe").unwrap().plants.last().unwrap();
         assert_eq!((p.gpa, p.bytes()), (0x400ffe, &b"FERR"[..]));
-        assert_eq!(parse("plant=00@400000").unwrap().plant.unwrap().gpa, 0x400000);
+        assert_eq!(parse("plant=00@400000").unwrap().plants.last().unwrap().gpa, 0x400000);
         for bad in ["plant=", "plant=4@1000", "plant=zz@1000", "plant=41@", "plant=41", "plant=41@0xg", "plant=@1000"] {
             assert_eq!(parse(bad), Err(bad), "{bad}");
         }
         assert!(parse(&format!("plant={}@1000", "41".repeat(MAX_PLANT + 1))).is_err());
+    }
+
+    #[test]
+    fn several_plants_and_scratch() {
+        let c = parse("dirty scratch=4 plant=41@200000 plant=4243@0x201000").unwrap();
+        assert_eq!(c.scratch_mib, Some(4));
+        let all: Vec<_> = c.plants.iter().map(|p| (p.gpa, p.bytes().to_vec())).collect();
+        assert_eq!(all, vec![(0x200000, b"A".to_vec()), (0x201000, b"BC".to_vec())]);
+        assert_eq!(parse("idle").unwrap().plants.iter().count(), 0);
+        let nine = (0..=MAX_PLANTS).map(|i| format!("plant=41@{:x}", 0x200000 + i)).collect::<Vec<_>>().join(" ");
+        assert!(parse(&nine).is_err(), "more than MAX_PLANTS plants");
+        for bad in ["scratch=0", "scratch=", "scratch=x", "scratch=1025", "scratch"] {
+            assert_eq!(parse(bad), Err(bad), "{bad}");
+        }
     }
 
     #[test]

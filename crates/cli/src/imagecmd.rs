@@ -1,4 +1,4 @@
-//! `ferry image verify|inspect|export|read|maps|scan|diff|stats|mount`: working with image files offline
+//! `ferry image verify|inspect|export|read|maps|scan|diff|stats|mount|redact`: working with image files offline
 //! (the analysis commands live in `inspectcmd`).
 
 use std::io::{BufWriter, Write};
@@ -56,6 +56,8 @@ pub enum ImageCmd {
     Stats(crate::inspectcmd::StatsArgs),
     /// Show the image as read-only files (pmem, core.elf, mem.lime, info.json, vcpu/N/regs.json) via FUSE.
     Mount(crate::mountcmd::MountArgs),
+    /// Write a copy with ranges and pattern matches overwritten, re-hashed (re-encrypted), plus an audit report.
+    Redact(crate::inspectcmd::RedactArgs),
 }
 
 fn key(f: &Option<PathBuf>) -> Result<Option<UserKey>> {
@@ -151,6 +153,7 @@ pub fn run(cmd: ImageCmd) -> Result<u8> {
         ImageCmd::Diff(a) => crate::inspectcmd::diff(a),
         ImageCmd::Stats(a) => crate::inspectcmd::stats(a),
         ImageCmd::Mount(a) => crate::mountcmd::mount(a),
+        ImageCmd::Redact(a) => crate::inspectcmd::redact(a),
         ImageCmd::Export { image, format, out, key_file } => {
             let k = key(&key_file)?;
             let mut chain = ImageChain::open(&image, k.as_ref())?;

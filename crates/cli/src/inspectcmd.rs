@@ -1,4 +1,4 @@
-//! `ferry image read|maps|scan`: memory analysis of an image. Parses,
+//! `ferry image read|maps|scan|diff|stats|redact`: memory analysis of an image. Parses,
 //! calls `ferry-inspect`, prints for a person or as JSON.
 
 use std::path::PathBuf;
@@ -465,6 +465,138 @@ pub fn stats(a: StatsArgs) -> Result<u8> {
         s.unique_pages,
         s.pages_saved,
         s.bytes_saved >> 20
+    );
+    Ok(0)
+}
+
+/// `ferry image redact`.
+#[derive(Args)]
+pub struct RedactArgs {
+    /// The image (its parents are read through the chain; the copy is a full image).
+    pub image: PathBuf,
+    /// The redacted image to write (its report goes to OUT.redaction.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Physical range to overwrite, START..END (end exclusive) or START+LEN; repeatable.
+    #[arg(long, value_parser = parse_range)]
+    pub range: Vec<ferry_inspect::PhysRange>,
+    /// Text whose every match is overwritten (UTF-8 bytes); repeatable.
+    #[arg(long)]
+    pub string: Vec<String>,
+    /// Bytes whose every match is overwritten, in hex; repeatable.
+    #[arg(long)]
+    pub hex: Vec<String>,
+    /// A YARA rule file (as for `ferry image scan --rules`): the matches of every rule
+    /// whose condition holds are overwritten, reported by rule name.
+    #[arg(long)]
+    pub rules: Option<PathBuf>,
+    /// Byte written over redacted bytes (0..=255).
+    #[arg(long, value_parser = parse_u64, default_value = "0")]
+    pub fill: u64,
+    /// Key file: opens an encrypted image, and the copy is encrypted with it.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Threads searching at once (default: the CPUs, at most 8).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+fn parse_range(s: &str) -> Result<ferry_inspect::PhysRange, String> {
+    s.parse().map_err(|e: ferry_inspect::Error| e.to_string())
+}
+
+/// Shows bytes written on a terminal (stderr), at most five times a second.
+fn redact_progress(
+    step: ferry_inspect::RedactStep,
+    done: u64,
+    total: u64,
+    last: &std::cell::Cell<Option<std::time::Instant>>,
+) {
+    let now = std::time::Instant::now();
+    if total == 0 {
+        eprint!("\r\x1b[Kredact: {step}");
+    } else if last.get().is_none_or(|t| now.duration_since(t).as_millis() >= 200) || done >= total {
+        eprint!("\r\x1b[Kredact: {step}: {} of {} MiB", done >> 20, total >> 20);
+    } else {
+        return;
+    }
+    last.set(Some(now));
+}
+
+/// Writes a redacted copy and prints what was redacted.
+pub fn redact(a: RedactArgs) -> Result<u8> {
+    use std::io::IsTerminal;
+    let Ok(fill) = u8::try_from(a.fill) else { bail!("--fill {} is not a byte (0..=255)", a.fill) };
+    let mut patterns = Vec::new();
+    for s in &a.string {
+        patterns.push(Pattern::string(s)?);
+    }
+    for h in &a.hex {
+        patterns.push(Pattern::hex(h)?);
+    }
+    let rules = a.rules.as_deref().map(YaraRules::from_file).transpose()?;
+    let key = a.key_file.as_deref().map(UserKey::from_file).transpose()?;
+    let last = std::cell::Cell::new(None);
+    let show = |s, d, t| redact_progress(s, d, t, &last);
+    let tty = !a.json && std::io::stderr().is_terminal();
+    let spec = ferry_inspect::RedactSpec {
+        ranges: a.range.clone(),
+        patterns,
+        rules: rules.as_ref(),
+        fill,
+        threads: a.threads.unwrap_or(0),
+        progress: if tty { Some(&show) } else { None },
+    };
+    let r = ferry_inspect::redact(&a.image, &a.out, key.as_ref(), &spec);
+    if tty && last.get().is_some() {
+        eprintln!();
+    }
+    let r = r?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(0);
+    }
+    const SHOWN: usize = 50;
+    for d in r.redactions.iter().take(SHOWN) {
+        let why = match &d.cause {
+            ferry_inspect::Cause::Range { index } => format!("range {index}"),
+            ferry_inspect::Cause::Pattern { index } => {
+                let kind = r.patterns.get(*index).map_or("pattern", |p| p.kind.as_str());
+                format!("{kind} pattern {index}")
+            }
+            ferry_inspect::Cause::Rule { rule } => format!("rule {rule}"),
+        };
+        println!("{:#014x}  {:>8} bytes  {why}", d.start, d.len);
+    }
+    if r.redactions.len() > SHOWN {
+        println!("... {} more in the report", r.redactions.len() - SHOWN);
+    }
+    for p in &r.patterns {
+        println!("{} pattern {} ({} bytes): {} match(es)", p.kind, p.index, p.len, p.matches);
+    }
+    println!(
+        "redacted {} bytes in {} pages ({} ranges, {} matches), fill {:#04x}; no match left",
+        r.bytes_redacted,
+        r.pages_touched,
+        r.ranges.len(),
+        r.redactions.len() - r.ranges.len(),
+        r.fill
+    );
+    println!(
+        "wrote {} (full image{}, root {}) in {:.3} s",
+        r.output.display(),
+        if r.encrypted { ", encrypted" } else { "" },
+        r.output_root_hash,
+        r.elapsed_secs
+    );
+    println!("report {}", r.report_path.display());
+    let p = &r.phases;
+    eprintln!(
+        "ferry: verify input {:.3} s, scan {:.3} s, write {:.3} s, check copy {:.3} s",
+        p.verify_input_secs, p.scan_secs, p.write_secs, p.check_secs
     );
     Ok(0)
 }

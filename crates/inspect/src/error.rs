@@ -95,6 +95,58 @@ pub enum Error {
         ram_b: String,
     },
 
+    /// A `--range` that cannot be used.
+    #[error("invalid range {range:?}: {reason}")]
+    BadRange {
+        /// The range as given.
+        range: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A redaction was asked for with nothing to redact.
+    #[error("nothing to redact: give at least one range, string, hex pattern or rule file")]
+    NothingToRedact,
+
+    /// The redacted image would overwrite an image it is read from.
+    #[error("output {} is the input image {} (or its report would be): write the redacted copy elsewhere", output.display(), input.display())]
+    OutputIsInput {
+        /// The output asked for.
+        output: std::path::PathBuf,
+        /// The member of the input chain it names.
+        input: std::path::PathBuf,
+    },
+
+    /// More matches than one redaction overwrites.
+    #[error("{found} matches, more than the {max} one redaction overwrites: use narrower patterns")]
+    TooManyMatches {
+        /// Matches found.
+        found: u64,
+        /// The bound.
+        max: usize,
+    },
+
+    /// The written image still matches (a pattern made of the fill byte, say); it was removed.
+    #[error("the redacted copy still has {matches} match(es), the first at {first:#x}, so it was not kept: if a pattern matches the fill byte {fill:#04x}, choose another --fill")]
+    RedactionIncomplete {
+        /// Matches left.
+        matches: u64,
+        /// Address of the first.
+        first: u64,
+        /// The fill byte used.
+        fill: u8,
+    },
+
+    /// A file operation on the redaction's output failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// A YARA rule file cannot be read.
     #[error("cannot read rules {path}: {reason}")]
     RulesRead {

@@ -108,7 +108,7 @@ fn safe_start(d: &[u8], s: usize) -> bool {
     match s {
         0 => false,
         1 => !word(d[0]),
-        _ => !word(d[s - 1]) && (d[s - 1] != 0 || !word(d[s - 2])),
+        _ => !(word(d[s - 1]) || d[s - 1] == 0 && word(d[s - 2])),
     }
 }
 

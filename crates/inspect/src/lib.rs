@@ -15,12 +15,15 @@ mod maps;
 mod mem;
 mod paging;
 mod read;
+mod redact;
 mod scan;
 mod stats;
 mod yara;
 
 #[cfg(test)]
 mod diff_tests;
+#[cfg(test)]
+mod redact_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -33,6 +36,10 @@ pub use maps::{maps, MapRun, MapsReport, MAX_RUNS, MAX_TABLES};
 pub use mem::{BufMem, ImageMem, PhysMem};
 pub use paging::{translate, walk, Level, PageFlags, PagingContext, Step, Stop, StopReason, Translation};
 pub use read::{read_phys, read_virt, PhysRead, VirtPiece, VirtRead, MAX_READ};
+pub use redact::{
+    redact, report_path, Cause, PatternInfo, Phases, PhysRange, RedactReport, RedactSpec, RedactStep, Redaction,
+    RuleInfo, SourceImage, MAX_REDACTIONS, REPORT_FORMAT,
+};
 pub use scan::{scan, Literals, Match, Matcher, Pattern, ScanOptions, ScanReport, MAX_PATTERN};
 pub use stats::{entropy, stats, Compressibility, ImageStats, Sharing, StatsOptions, StatsReport};
 pub use yara::{scan_yara, YaraRules, YaraSummary, MAX_MATCHES_PER_PATTERN, MAX_RULES_FILE, MAX_YARA_PATTERN};
