@@ -110,6 +110,9 @@ pub struct Config {
     pub exit: Option<u8>,
     /// `plant=<hex>@<gpa>`: bytes written at an address after boot.
     pub plant: Option<Plant>,
+    /// `plant_after=<ms>`: write the `plant=` bytes this long after boot
+    /// instead of at once (so a watch can see them appear).
+    pub plant_after_ms: Option<u64>,
 }
 
 impl Default for Config {
@@ -128,6 +131,7 @@ impl Default for Config {
             crash: None,
             exit: None,
             plant: None,
+            plant_after_ms: None,
         }
     }
 }
@@ -191,6 +195,7 @@ pub fn parse(line: &str) -> Result<Config, &str> {
                 true
             }
             ("plant", Some(v)) => Plant::parse(v).map(|p| c.plant = Some(p)).is_some(),
+            ("plant_after", Some(v)) => num(v).map(|n| c.plant_after_ms = Some(n)).is_some(),
             ("exit", Some(v)) => num(v).filter(|&n| n <= 255).map(|n| c.exit = Some(n as u8)).is_some(),
             _ => false,
         };

@@ -1,5 +1,5 @@
-//! ferry-inspect: analysis of a VM's memory, offline (images) today and of
-//! running guests later.
+//! ferry-inspect: analysis of a VM's memory, offline (images) and of
+//! running guests ([`LiveMem`], [`Watches`]).
 //!
 //! Everything reads guest-physical memory through [`PhysMem`], so the same
 //! page-table walker ([`translate`], [`maps`]), reader ([`read_phys`],
@@ -10,12 +10,14 @@
 
 mod diff;
 mod error;
+mod live;
 mod maps;
 mod mem;
 mod paging;
 mod read;
 mod scan;
 mod stats;
+mod watch;
 
 #[cfg(test)]
 mod diff_tests;
@@ -24,9 +26,14 @@ mod tests;
 
 pub use diff::{diff, ChangedRange, ChangedRun, DiffMode, DiffOptions, DiffReport, VirtDiff, VirtRegion};
 pub use error::{Error, Result};
+pub use live::{live_context, read_live, LiveMem, LiveRead, MapsRequest, ReadRequest};
 pub use maps::{maps, MapRun, MapsReport, MAX_RUNS, MAX_TABLES};
 pub use mem::{BufMem, ImageMem, PhysMem};
 pub use paging::{translate, walk, Level, PageFlags, PagingContext, Step, Stop, StopReason, Translation};
 pub use read::{read_phys, read_virt, PhysRead, VirtPiece, VirtRead, MAX_READ};
 pub use scan::{scan, Literals, Match, Matcher, Pattern, ScanOptions, ScanReport, MAX_PATTERN};
 pub use stats::{entropy, stats, Compressibility, ImageStats, Sharing, StatsOptions, StatsReport};
+pub use watch::{
+    dirty_extents, PassReport, ScanRequest, WatchError, WatchInfo, WatchMatch, Watches, MAX_KNOWN, MAX_LISTED,
+    MAX_PATTERNS,
+};
