@@ -31,6 +31,7 @@ use clap::Subcommand;
 
 pub use probe::migrate::MigrateBenchArgs;
 pub use probe::snapshot::SnapBenchArgs;
+pub use probe::watch::WatchBenchArgs;
 pub use run_report::RunReport;
 
 /// The `ferry bench` subcommands (clap derive; the CLI flattens this enum
@@ -65,6 +66,13 @@ pub enum BenchCmd {
         #[command(flatten)]
         args: MigrateBenchArgs,
     },
+    /// Incremental scanning (`ferry scan --watch`) of a guest rewriting a
+    /// working set: time per pass against a full scan.
+    Watch {
+        /// Its options.
+        #[command(flatten)]
+        args: WatchBenchArgs,
+    },
 }
 
 /// Runs a benchmark and returns the process exit status (0: it ran; a
@@ -82,5 +90,6 @@ pub fn run(cmd: BenchCmd) -> Result<u8> {
         }
         BenchCmd::Snapshot { args } => probe::snapshot::snapshot_bench(args),
         BenchCmd::Migrate { args } => probe::migrate::migrate_bench(args),
+        BenchCmd::Watch { args } => probe::watch::watch_bench(args),
     }
 }
