@@ -464,6 +464,21 @@ mod tests {
     }
 
     #[test]
+    fn hits_per_block_are_bounded_for_patterns_matching_everywhere() {
+        // What the API fuzzer sent: 256 one-byte zero patterns over zero memory.
+        use crate::{scan, BufMem, ScanOptions};
+        let req = super::ScanRequest { hex: vec!["00".into(); 256], ..Default::default() };
+        let m = req.matcher().unwrap();
+        let mut mem = BufMem::flat(vec![0u8; 16 << 20]);
+        let opts = ScanOptions { max_matches: 10, threads: 1, ..ScanOptions::default() };
+        let r = scan(&mut mem, &m, &opts).unwrap();
+        assert!(r.truncated);
+        assert_eq!(r.matches.len(), 10);
+        let blocks = (16u64 << 20).div_ceil(r.block_size);
+        assert!(r.total_matches <= blocks * crate::scan::MAX_BLOCK_HITS as u64, "{}", r.total_matches);
+    }
+
+    #[test]
     fn a_match_touching_a_dirty_run_is_found() {
         let ext = [(0x1000u64, 0x1000u64), (0x5000, 0x2000)];
         assert!(touches(&ext, 0xff0, 0x20)); // crosses into the first run
