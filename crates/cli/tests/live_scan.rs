@@ -124,6 +124,23 @@ fn live_read_maps_and_scan_equal_a_snapshot_and_refuse_bad_input() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["pass"], 2);
     assert!(!v["new_matches"].as_array().unwrap().iter().any(|m| m["pa"] == AT), "a known match is not new again: {v}");
+    // Passes of one watch from several clients at once: each runs or gets a clear 409.
+    let path = format!("/vm/scan/watch/{}", ids[1]);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (sock, path) = (sock.clone(), path.clone());
+            std::thread::spawn(move || (0..5).map(|_| http(&sock, "PUT", &path, "")).collect::<Vec<_>>())
+        })
+        .collect();
+    let answers: Vec<(u16, Value)> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    for (st, v) in &answers {
+        assert!(*st == 200 || (*st == 409 && v["error"].as_str().unwrap().contains("running a pass")), "{st} {v}");
+    }
+    let ran = answers.iter().filter(|a| a.0 == 200).count() as u64;
+    assert!(ran > 0);
+    let listed = http(&sock, "GET", "/vm/scan/watch", "").1;
+    let w = listed["watches"].as_array().unwrap().iter().find(|w| w["watch"] == ids[1]).unwrap().clone();
+    assert_eq!(w["passes"].as_u64().unwrap(), 1 + ran, "every pass that answered 200 ran once: {w}");
     for id in &ids {
         assert_eq!(http(&sock, "DELETE", &format!("/vm/scan/watch/{id}"), "").0, 200);
     }
