@@ -64,21 +64,32 @@ fn watch_error(e: ferry_inspect::WatchError) -> Response {
 }
 
 /// The page tables of `vcpu` (default 0), or at `cr3` in its paging mode; the
-/// registers come from a short pause through the controller.
-fn paging(ctl: &VmController, vcpu: Option<usize>, cr3: Option<u64>) -> Result<PagingContext, Response> {
+/// registers come from a short pause through the controller (its length is returned).
+fn paging(ctl: &VmController, vcpu: Option<usize>, cr3: Option<u64>) -> Result<(PagingContext, f64), Response> {
     let index = vcpu.unwrap_or(0);
     let r = ctl.vcpu_regs(index).map_err(crate::api::control_error)?;
-    ferry_inspect::live_context(index, &r.regs, cr3).map_err(inspect_error)
+    let ctx = ferry_inspect::live_context(index, &r.regs, cr3).map_err(inspect_error)?;
+    Ok((ctx, r.pause_ms))
 }
 
 /// Page tables for a watch pass: a failure (a snapshot holds the VM) keeps the last ones.
-fn pass_paging(ctl: &VmController, vcpu: Option<usize>) -> Option<PagingContext> {
+fn pass_paging(ctl: &VmController, vcpu: Option<usize>) -> Option<(PagingContext, f64)> {
     let index = vcpu?;
     match ctl.vcpu_regs(index) {
-        Ok(r) => ferry_inspect::live_context(index, &r.regs, None).ok(),
+        Ok(r) => ferry_inspect::live_context(index, &r.regs, None).ok().map(|c| (c, r.pause_ms)),
         Err(ControlError::Busy { .. }) => None,
         Err(_) => None,
     }
+}
+
+/// A 200 with `registers_pause_ms` added: how long the guest was paused to read
+/// the vCPU's registers for this request (absent when it was not paused).
+fn ok_with_pause(v: &impl serde::Serialize, pause_ms: Option<f64>) -> Response {
+    let mut v = serde_json::to_value(v).unwrap_or_default();
+    if let (Some(ms), Some(o)) = (pause_ms, v.as_object_mut()) {
+        o.insert("registers_pause_ms".into(), json!(ms));
+    }
+    Response::json(200, &v)
 }
 
 fn method_not_allowed(m: &str, p: &str, allow: &'static str) -> Response {
@@ -104,16 +115,16 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
             if r.len == 0 || r.len > MAX_LIVE_READ {
                 return Response::error(400, format!("len {} must be 1..={MAX_LIVE_READ} bytes", r.len));
             }
-            let ctx = if r.needs_paging() {
+            let (ctx, pause) = if r.needs_paging() {
                 match paging(ctl, r.vcpu, r.cr3) {
-                    Ok(c) => Some(c),
+                    Ok((c, ms)) => (Some(c), Some(ms)),
                     Err(e) => return e,
                 }
             } else {
-                None
+                (None, None)
             };
             match ferry_inspect::read_live(&mut mem(), &r, ctx.as_ref()) {
-                Ok(v) => Response::json(200, &v),
+                Ok(v) => ok_with_pause(&v, pause),
                 Err(e) => inspect_error(e),
             }
         }
@@ -122,12 +133,12 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
                 Ok(r) => r,
                 Err(e) => return e,
             };
-            let ctx = match paging(ctl, r.vcpu, r.cr3) {
+            let (ctx, pause) = match paging(ctl, r.vcpu, r.cr3) {
                 Ok(c) => c,
                 Err(e) => return e,
             };
             match ferry_inspect::maps(&mut mem(), &ctx) {
-                Ok(v) => Response::json(200, &v),
+                Ok(v) => ok_with_pause(&v, Some(pause)),
                 Err(e) => inspect_error(e),
             }
         }
@@ -140,16 +151,16 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
                 Ok(m) => m,
                 Err(e) => return inspect_error(e),
             };
-            let ctx = match r.vcpu {
+            let (ctx, pause) = match r.vcpu {
                 Some(v) => match paging(ctl, Some(v), None) {
-                    Ok(c) => Some(c),
+                    Ok((c, ms)) => (Some(c), Some(ms)),
                     Err(e) => return e,
                 },
-                None => None,
+                None => (None, None),
             };
             let opts = ScanOptions { max_matches: r.listed(), paging: ctx, ..ScanOptions::default() };
             match ferry_inspect::scan(&mut mem(), &matcher, &opts) {
-                Ok(v) => Response::json(200, &v),
+                Ok(v) => ok_with_pause(&v, pause),
                 Err(e) => inspect_error(e),
             }
         }
@@ -162,15 +173,15 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
             if let Err(e) = r.matcher() {
                 return inspect_error(e);
             }
-            let ctx = match r.vcpu {
+            let (ctx, pause) = match r.vcpu {
                 Some(v) => match paging(ctl, Some(v), None) {
-                    Ok(c) => Some(c),
+                    Ok((c, ms)) => (Some(c), Some(ms)),
                     Err(e) => return e,
                 },
-                None => None,
+                None => (None, None),
             };
             match watches().create(ctl.vm(), &r, ctx) {
-                Ok(v) => Response::json(200, &v),
+                Ok(v) => ok_with_pause(&v, pause),
                 Err(e) => watch_error(e),
             }
         }
@@ -193,9 +204,9 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
                         Ok(v) => v,
                         Err(e) => return watch_error(e),
                     };
-                    let ctx = pass_paging(ctl, vcpu);
-                    match watches().pass(id, ctx) {
-                        Ok(v) => Response::json(200, &v),
+                    let got = pass_paging(ctl, vcpu);
+                    match watches().pass(id, got.map(|g| g.0)) {
+                        Ok(v) => ok_with_pause(&v, got.map(|g| g.1)),
                         Err(e) => watch_error(e),
                     }
                 }

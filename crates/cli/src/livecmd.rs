@@ -259,7 +259,7 @@ fn print_pass(p: &Value, json_out: bool) -> Result<()> {
         println!("{}", serde_json::to_string(&line)?);
     } else {
         println!(
-            "pass {:>3}: {} {} dirty pages, scanned {} pages ({:.1} MiB) in {:.1} ms; {} new match(es), {} known",
+            "pass {:>3}: {} {} dirty pages, scanned {} pages ({:.1} MiB) in {:.1} ms; {} new match(es), {} known{}",
             u(&p["pass"]),
             if p["full"] == true { "full," } else { "" },
             u(&p["dirty_pages"]),
@@ -267,7 +267,10 @@ fn print_pass(p: &Value, json_out: bool) -> Result<()> {
             u(&p["bytes_scanned"]) as f64 / (1 << 20) as f64,
             p["scan_ms"].as_f64().unwrap_or(0.0),
             u(&p["new_total"]),
-            u(&p["known_matches"])
+            u(&p["known_matches"]),
+            p["registers_pause_ms"]
+                .as_f64()
+                .map_or(String::new(), |ms| format!("; guest paused {ms:.2} ms for registers"))
         );
     }
     use std::io::Write;

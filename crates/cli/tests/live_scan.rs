@@ -192,6 +192,9 @@ fn watch_finds_a_pattern_planted_after_its_first_pass_scanning_only_dirty_pages(
     assert_eq!(first["full"], true);
     let ram_pages = first["ram_bytes"].as_u64().unwrap() / 4096;
     assert_eq!(first["pages_scanned"], ram_pages);
+    let paused =
+        first["registers_pause_ms"].as_f64().unwrap_or_else(|| panic!("vCPU 0's registers were read: {first}"));
+    assert!(paused < 1000.0, "{first}");
     // The guest's own parsed copies of the plant= bytes (its stack, its
     // statics) match as well: look at the planted place.
     let at_pa = |pa: u64| matches.iter().filter(|m| m["pa"] == pa).cloned().collect::<Vec<_>>();
