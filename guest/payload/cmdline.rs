@@ -159,6 +159,9 @@ pub struct Config {
     /// `scratch=<MiB>`: RAM at the start of the workload area filled with data
     /// that `verify` never checks (plants there survive the dirty workload).
     pub scratch_mib: Option<u64>,
+    /// `plant_after=<ms>`: write the `plant=` bytes this long after boot
+    /// instead of at once (so a watch can see them appear).
+    pub plant_after_ms: Option<u64>,
 }
 
 impl Default for Config {
@@ -178,6 +181,7 @@ impl Default for Config {
             exit: None,
             plants: Plants::new(),
             scratch_mib: None,
+            plant_after_ms: None,
         }
     }
 }
@@ -244,6 +248,7 @@ pub fn parse(line: &str) -> Result<Config, &str> {
             ("scratch", Some(v)) => {
                 num(v).filter(|&n| (1..=MAX_SCRATCH_MIB).contains(&n)).map(|n| c.scratch_mib = Some(n)).is_some()
             }
+            ("plant_after", Some(v)) => num(v).map(|n| c.plant_after_ms = Some(n)).is_some(),
             ("exit", Some(v)) => num(v).filter(|&n| n <= 255).map(|n| c.exit = Some(n as u8)).is_some(),
             _ => false,
         };

@@ -15,7 +15,7 @@ mod mem;
 mod mptable;
 mod pattern;
 
-use cmdline::{Command, Config, Crash, CtrlAltDel, Fill, LineBuf, Mode, Rate};
+use cmdline::{Command, Config, Crash, CtrlAltDel, Fill, LineBuf, Mode, Plant, Plants, Rate};
 use core::cell::UnsafeCell;
 use core::fmt::Write;
 use core::ptr::{read_volatile, write_volatile};
@@ -324,11 +324,9 @@ extern "C" fn bsp_main(start_info: u64) -> ! {
             say!("EXIT status=2");
             hw::exit(2);
         }
-        for (i, &b) in p.bytes().iter().enumerate() {
-            // SAFETY: RAM of the workload region, identity mapped and writable from ring 3.
-            unsafe { core::ptr::write_volatile((p.gpa + i as u64) as *mut u8, b) };
+        if cfg.plant_after_ms.is_none() {
+            plant(&p);
         }
-        say!("PLANTED gpa={:#x} len={}", p.gpa, p.len);
     }
 
     let mut su = Setup {
@@ -672,6 +670,15 @@ fn verify_all() -> VerifyResult {
 
 // ---------------------------------------------------------------- BSP
 
+/// Writes the `plant=` bytes (checked to lie in the workload region) and says so.
+fn plant(p: &Plant) {
+    for (i, &b) in p.bytes().iter().enumerate() {
+        // SAFETY: RAM of the workload region (checked at boot), identity mapped and writable from ring 3.
+        unsafe { core::ptr::write_volatile((p.gpa + i as u64) as *mut u8, b) };
+    }
+    say!("PLANTED gpa={:#x} len={}", p.gpa, p.len);
+}
+
 /// BSP-only housekeeping: host commands, Ctrl-Alt-Del, PROGRESS, passes.
 struct Bsp {
     report_ticks: u64,
@@ -682,6 +689,8 @@ struct Bsp {
     last_pages: u64,
     line: LineBuf,
     cad: CtrlAltDel,
+    /// `plant=` with `plant_after=`: the bytes and the TSC at which to write them.
+    plant: Option<(Plants, u64)>,
 }
 
 impl Bsp {
@@ -697,6 +706,7 @@ impl Bsp {
             last_pages: 0,
             line: LineBuf::new(),
             cad: CtrlAltDel::new(),
+            plant: cfg.plant_after_ms.map(|ms| (cfg.plants, rdtsc() + ms.saturating_mul(khz))),
         }
     }
 
@@ -786,8 +796,21 @@ impl Bsp {
     }
 
     /// Called by the BSP after every batch of page stores.
+    /// Writes a delayed plant once its time has come.
+    fn maybe_plant(&mut self, now: u64) {
+        if let Some((plants, due)) = self.plant {
+            if now >= due {
+                self.plant = None;
+                for p in plants.iter() {
+                    plant(p);
+                }
+            }
+        }
+    }
+
     fn tick(&mut self, pass_done: bool) {
         let now = rdtsc();
+        self.maybe_plant(now);
         if now.wrapping_sub(self.last_poll) >= self.poll_ticks {
             self.last_poll = now;
             self.poll();
@@ -810,6 +833,7 @@ impl Bsp {
         self.progress();
         loop {
             let now = rdtsc();
+            self.maybe_plant(now);
             if now.wrapping_sub(self.last_poll) >= self.poll_ticks {
                 self.last_poll = now;
                 self.poll();

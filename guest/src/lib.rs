@@ -89,6 +89,8 @@ mod tests {
             assert_eq!(parse(bad), Err(bad), "{bad}");
         }
         assert!(parse(&format!("plant={}@1000", "41".repeat(MAX_PLANT + 1))).is_err());
+        assert_eq!(parse("plant=41@400000 plant_after=1500").unwrap().plant_after_ms, Some(1500));
+        assert!(parse("plant_after=x").is_err() && parse("plant_after").is_err());
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub use probe::migrate::MigrateBenchArgs;
 pub use probe::mount::MountBenchArgs;
 pub use probe::scan::ScanBenchArgs;
 pub use probe::snapshot::SnapBenchArgs;
+pub use probe::watch::WatchBenchArgs;
 pub use run_report::RunReport;
 
 /// The `ferry bench` subcommands (clap derive; the CLI flattens this enum
@@ -81,6 +82,13 @@ pub enum BenchCmd {
         #[command(flatten)]
         args: ScanBenchArgs,
     },
+    /// Incremental scanning (`ferry scan --watch`) of a guest rewriting a
+    /// working set: time per pass against a full scan.
+    Watch {
+        /// Its options.
+        #[command(flatten)]
+        args: WatchBenchArgs,
+    },
 }
 
 /// Runs a benchmark and returns the process exit status (0: it ran; a
@@ -100,5 +108,6 @@ pub fn run(cmd: BenchCmd) -> Result<u8> {
         BenchCmd::Migrate { args } => probe::migrate::migrate_bench(args),
         BenchCmd::Mount { args } => probe::mount::mount_bench(args),
         BenchCmd::Scan { args } => probe::scan::scan_bench(args),
+        BenchCmd::Watch { args } => probe::watch::watch_bench(args),
     }
 }

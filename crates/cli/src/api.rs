@@ -123,7 +123,7 @@ impl Target {
 fn route_incoming(t: &Target, req: &Request) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/vm") => Response::json(200, &json!({ "state": "incoming", "listen": t.incoming })),
-        (_, p) if ENDPOINTS.iter().any(|(e, _)| *e == p) => Response::error(
+        (_, p) if ENDPOINTS.iter().any(|(e, _)| *e == p) || crate::liveapi::serves(p) => Response::error(
             409,
             format!("VM is incoming: waiting for a migration on {}; {p} is served once it arrives", t.incoming),
         ),
@@ -185,7 +185,7 @@ fn body_json(req: &Request) -> Result<serde_json::Value, Response> {
 /// Maps a controller error to its status: 400 for the client's mistakes,
 /// 409 for a VM that cannot do it now (with the operation that holds it),
 /// 500 for the VMM's own failures.
-fn control_error(e: ControlError) -> Response {
+pub(crate) fn control_error(e: ControlError) -> Response {
     let status = match e.fault() {
         Fault::Client => 400,
         Fault::Conflict => 409,
@@ -331,6 +331,7 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
             Ok(Ok(v)) => Response::json(200, &v),
             Ok(Err(e)) => control_error(e),
         },
+        (_, p) if crate::liveapi::serves(p) => crate::liveapi::route(ctl, req),
         (_, p) => match ENDPOINTS.iter().find(|(path, _)| *path == p) {
             Some((_, allow)) => {
                 let mut r = Response::error(405, format!("method {m} not allowed on {p}; allowed: {allow}"));

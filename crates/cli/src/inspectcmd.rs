@@ -114,7 +114,7 @@ fn context(mem: &mut ImageMem, t: &TableArgs) -> Result<PagingContext> {
     Ok(PagingContext::from_regs(index, regs)?)
 }
 
-fn hexdump(start: u64, bytes: &[u8]) {
+pub(crate) fn hexdump(start: u64, bytes: &[u8]) {
     for (i, line) in bytes.chunks(16).enumerate() {
         let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
         let text: String =
@@ -123,7 +123,7 @@ fn hexdump(start: u64, bytes: &[u8]) {
     }
 }
 
-fn size_name(s: u64) -> &'static str {
+pub(crate) fn size_name(s: u64) -> &'static str {
     match s {
         4096 => "4K",
         0x20_0000 => "2M",

@@ -6,6 +6,8 @@ mod http;
 mod imagecmd;
 mod inspectcmd;
 mod mountcmd;
+mod liveapi;
+mod livecmd;
 mod signals;
 
 use std::io::{Read, Write};
@@ -66,6 +68,12 @@ enum Command {
         #[command(subcommand)]
         cmd: imagecmd::ImageCmd,
     },
+    /// Read a running VM's memory by physical or virtual address (through its API).
+    Read(livecmd::LiveReadArgs),
+    /// List the virtual ranges a running VM's page tables map.
+    Maps(livecmd::LiveMapsArgs),
+    /// Search a running VM's memory; `--watch` rescans only what the guest wrote.
+    Scan(livecmd::LiveScanArgs),
     /// The embedded test guest.
     Guest {
         #[command(subcommand)]
@@ -427,6 +435,9 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
         Command::Restore(a) => restore(a, start),
         Command::Receive(a) => receive(a, start),
         Command::Certs { cmd } => certs::run(cmd),
+        Command::Read(a) => livecmd::read(a),
+        Command::Maps(a) => livecmd::maps(a),
+        Command::Scan(a) => livecmd::scan(a),
         Command::MigrateCancel(a) => print_json(api(&a.api_sock, "PUT", "/vm/migration/cancel", None)?),
         Command::Migrate(a) => {
             // `--resume` finishes a paused post-copy; otherwise a new migration.

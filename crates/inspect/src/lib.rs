@@ -1,5 +1,5 @@
-//! ferry-inspect: analysis of a VM's memory, offline (images) today and of
-//! running guests later.
+//! ferry-inspect: analysis of a VM's memory, offline (images) and of
+//! running guests ([`LiveMem`], [`Watches`]).
 //!
 //! Everything reads guest-physical memory through [`PhysMem`], so the same
 //! page-table walker ([`translate`], [`maps`]), reader ([`read_phys`],
@@ -11,6 +11,7 @@
 mod diff;
 mod error;
 mod feed;
+mod live;
 mod maps;
 mod mem;
 mod paging;
@@ -19,6 +20,7 @@ mod redact;
 mod scan;
 mod stats;
 mod yara;
+mod watch;
 
 #[cfg(test)]
 mod diff_tests;
@@ -32,6 +34,7 @@ mod yara_tests;
 pub use diff::{diff, ChangedRange, ChangedRun, DiffMode, DiffOptions, DiffReport, VirtDiff, VirtRegion};
 pub use error::{Error, Result};
 pub use feed::{FeedStats, EDGE_SLACK};
+pub use live::{live_context, read_live, LiveMem, LiveRead, MapsRequest, ReadRequest};
 pub use maps::{maps, MapRun, MapsReport, MAX_RUNS, MAX_TABLES};
 pub use mem::{BufMem, ImageMem, PhysMem};
 pub use paging::{translate, walk, Level, PageFlags, PagingContext, Step, Stop, StopReason, Translation};
@@ -43,3 +46,7 @@ pub use redact::{
 pub use scan::{scan, Literals, Match, Matcher, Pattern, ScanOptions, ScanReport, MAX_PATTERN};
 pub use stats::{entropy, stats, Compressibility, ImageStats, Sharing, StatsOptions, StatsReport};
 pub use yara::{scan_yara, YaraRules, YaraSummary, MAX_MATCHES_PER_PATTERN, MAX_RULES_FILE, MAX_YARA_PATTERN};
+pub use watch::{
+    dirty_extents, PassReport, ScanRequest, WatchError, WatchInfo, WatchMatch, Watches, MAX_KNOWN, MAX_LISTED,
+    MAX_PATTERNS,
+};

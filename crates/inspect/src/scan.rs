@@ -25,6 +25,8 @@ use crate::paging::PagingContext;
 
 /// Longest literal pattern (bytes); it bounds the block overlap.
 pub const MAX_PATTERN: usize = 4096;
+/// Hits [`Literals`] reports per block at most (the rest are neither listed nor counted).
+pub const MAX_BLOCK_HITS: usize = 1 << 20;
 /// Virtual addresses reported per match (aliases beyond are counted only).
 const MAX_VAS: usize = 8;
 
@@ -130,8 +132,12 @@ impl Matcher for Literals {
     }
 
     fn find(&self, block: &[u8], out: &mut Vec<Hit>) {
+        // Bounded: a short or zero pattern can match at nearly every byte
+        // (256 one-byte zero patterns once took gigabytes per block).
+        let start = out.len();
         for (id, (p, f)) in self.pats.iter().enumerate() {
-            out.extend(f.find_iter(block).map(|offset| Hit { offset, pattern: id, len: p.bytes.len() }));
+            let room = MAX_BLOCK_HITS.saturating_sub(out.len() - start);
+            out.extend(f.find_iter(block).take(room).map(|offset| Hit { offset, pattern: id, len: p.bytes.len() }));
         }
     }
 

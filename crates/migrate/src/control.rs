@@ -50,12 +50,14 @@ pub enum Operation {
     Shutdown,
     /// Moving the VM to another host.
     Migration,
+    /// Pausing briefly to read a vCPU's registers (live memory analysis).
+    Registers,
 }
 
 impl Operation {
     /// Short operations finish in milliseconds to a second; others wait for them.
     fn is_short(self) -> bool {
-        matches!(self, Operation::Pause | Operation::Resume | Operation::Digest)
+        matches!(self, Operation::Pause | Operation::Resume | Operation::Digest | Operation::Registers)
     }
 
     /// The name used in messages.
@@ -67,6 +69,7 @@ impl Operation {
             Operation::Snapshot => "snapshot",
             Operation::Shutdown => "shutdown",
             Operation::Migration => "migration",
+            Operation::Registers => "register read",
         }
     }
 }
@@ -138,6 +141,17 @@ pub struct DigestReport {
     pub gb_per_s: f64,
 }
 
+/// A vCPU's registers and what reading them cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct RegsReport {
+    /// The vCPU.
+    pub vcpu: usize,
+    /// Its registers.
+    pub regs: ferry_image::CpuRegs,
+    /// How long the guest was paused for it (0 when it was paused already).
+    pub pause_ms: f64,
+}
+
 /// Why an operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -183,6 +197,14 @@ pub enum ControlError {
     /// A snapshot was refused or failed.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The vCPU asked for does not exist.
+    #[error("vCPU {index} does not exist: the VM has {count} vCPU(s)")]
+    NoSuchVcpu {
+        /// Index asked for.
+        index: usize,
+        /// vCPUs of the VM.
+        count: usize,
+    },
     /// The VMM failed.
     #[error("{op} failed: {source}")]
     Vm {
@@ -217,6 +239,7 @@ impl ControlError {
             | ControlError::NothingToCancel
             | ControlError::NothingToResume
             | ControlError::AlreadyCommitted => Fault::Conflict,
+            ControlError::NoSuchVcpu { .. } => Fault::Client,
             ControlError::PostcopyPaused(_) => Fault::Peer,
             ControlError::Migration(m) if m.is_cancelled() => Fault::Conflict,
             ControlError::Migration(m) if m.is_client_error() => Fault::Client,
@@ -565,6 +588,27 @@ impl VmController {
             pause_ms: if was_paused { 0.0 } else { t0.elapsed().as_secs_f64() * 1e3 },
             gb_per_s: bytes as f64 / hash_time.as_secs_f64().max(1e-9) / 1e9,
         })
+    }
+
+    /// One vCPU's registers (for its page tables: CR3, CR4, EFER), read
+    /// during a pause as short as a snapshot's: the guest runs again at once
+    /// unless the user had paused it. Waits its turn like a digest.
+    pub fn vcpu_regs(&self, index: usize) -> Result<RegsReport, ControlError> {
+        let op = Operation::Registers;
+        let count = self.vm.status().vcpus as usize;
+        if index >= count {
+            return Err(ControlError::NoSuchVcpu { index, count });
+        }
+        let turn = self.begin(self.ops.lock().unwrap(), op)?;
+        let was_paused = self.vm.is_paused();
+        let t0 = Instant::now();
+        self.vm.pause().map_err(|source| ControlError::Vm { op, source })?;
+        let state = self.vm.save_state();
+        drop(turn);
+        let pause_ms = if was_paused { 0.0 } else { t0.elapsed().as_secs_f64() * 1e3 };
+        let state = state.map_err(|source| ControlError::Vm { op, source })?;
+        let v = state.vcpus.get(index).ok_or(ControlError::NoSuchVcpu { index, count: state.vcpus.len() })?;
+        Ok(RegsReport { vcpu: index, regs: crate::regs::cpu_regs(v), pause_ms })
     }
 
     /// Takes a snapshot; pause and resume requests meanwhile are applied when it ends.

@@ -24,7 +24,7 @@ mod streams;
 pub mod transport;
 pub mod wire;
 
-pub use control::{Applied, ControlError, Fault, Operation, VmController};
+pub use control::{Applied, ControlError, Fault, Operation, RegsReport, VmController};
 pub use lazy::{LazyCompletion, LazyRestore, LazyStats};
 pub use precopy::{
     precopy, CowStats, PrecopyConfig, PrecopyStats, RoundStats, StopReason, ThrottlePolicy, ThrottleStats, ThrottleStep,

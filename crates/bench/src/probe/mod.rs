@@ -7,3 +7,4 @@ pub(crate) mod migrate;
 pub(crate) mod mount;
 pub(crate) mod scan;
 pub(crate) mod snapshot;
+pub(crate) mod watch;
