@@ -173,6 +173,16 @@ pub struct WssReport {
     pub max_late_ms: f64,
 }
 
+/// What `ferry wss` reports: the measurement and, with `--bandwidth`, the
+/// migration forecast.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WssOutcome {
+    /// What the sampler measured.
+    pub report: WssReport,
+    /// The pre-copy forecast, when a bandwidth was given.
+    pub prediction: Option<Prediction>,
+}
+
 /// Parses a duration with a unit: `100ms`, `10s`, `2m` (whole numbers or
 /// decimals; `1.5s`). A bare number is refused: ms or s would be a guess.
 pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
