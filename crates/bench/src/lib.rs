@@ -31,6 +31,7 @@ use clap::Subcommand;
 
 pub use probe::migrate::MigrateBenchArgs;
 pub use probe::snapshot::SnapBenchArgs;
+pub use probe::wss::WssBenchArgs;
 pub use run_report::RunReport;
 
 /// The `ferry bench` subcommands (clap derive; the CLI flattens this enum
@@ -65,6 +66,13 @@ pub enum BenchCmd {
         #[command(flatten)]
         args: MigrateBenchArgs,
     },
+    /// What `ferry wss` sampling costs the guest: its progress rate with and
+    /// without sampling, alternating on the same guest.
+    Wss {
+        /// Its options.
+        #[command(flatten)]
+        args: WssBenchArgs,
+    },
 }
 
 /// Runs a benchmark and returns the process exit status (0: it ran; a
@@ -82,5 +90,6 @@ pub fn run(cmd: BenchCmd) -> Result<u8> {
         }
         BenchCmd::Snapshot { args } => probe::snapshot::snapshot_bench(args),
         BenchCmd::Migrate { args } => probe::migrate::migrate_bench(args),
+        BenchCmd::Wss { args } => probe::wss::wss_bench(args),
     }
 }

@@ -5,3 +5,4 @@ pub(crate) mod boot;
 pub(crate) mod host;
 pub(crate) mod migrate;
 pub(crate) mod snapshot;
+pub(crate) mod wss;

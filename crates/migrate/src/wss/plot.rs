@@ -169,3 +169,65 @@ fn windows_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, rep
     chart.draw_series(pts.iter().map(|&p| Circle::new(p, 5, DIRTY.filled())))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wss::{predict, PredictParams, WssEnd, WssSample, WssWindow};
+
+    fn report(samples: Vec<WssSample>, windows: Vec<WssWindow>) -> WssReport {
+        WssReport {
+            interval_ms: 100,
+            duration_ms: 1000,
+            end: WssEnd::Completed,
+            ram_pages: 32768,
+            populated_pages: 30000,
+            zero_pages: 10,
+            samples,
+            windows,
+            distinct_pages: 2050,
+            sampler_busy_ms: 1.0,
+            max_late_ms: 0.5,
+        }
+    }
+
+    fn window(intervals: u32, pages: f64) -> WssWindow {
+        WssWindow {
+            intervals,
+            ms: f64::from(intervals) * 100.0,
+            windows: 1,
+            mean_pages: pages,
+            max_pages: pages as u64,
+            min_pages: pages as u64,
+        }
+    }
+
+    #[test]
+    fn chart_with_a_forecast() {
+        let samples = (1..=10)
+            .map(|i| WssSample { t_ms: f64::from(i) * 100.0, ms: 100.0, pages: 400 + i as u64, pages_per_s: 4000.0 })
+            .collect();
+        let r = report(samples, vec![window(1, 400.0), window(5, 2000.0), window(10, 2050.0)]);
+        let p = predict(&r, &PredictParams::migrate_defaults(40 << 20));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.svg");
+        plot_wss(&r, Some(&p), &path).unwrap();
+        let s = std::fs::read_to_string(&path).unwrap();
+        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
+        assert!(s.contains("pre-copy at 40 MiB/s") && s.contains("converges"), "the forecast is in the caption");
+        assert!(s.contains("working set (MiB, distinct pages)"));
+        assert!(s.matches("<rect").count() >= 10);
+    }
+
+    #[test]
+    fn empty_and_absurd_reports_do_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.svg");
+        plot_wss(&report(vec![], vec![]), None, &path).unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().contains("nothing to plot"));
+        let bad = vec![WssSample { t_ms: f64::NAN, ms: -1.0, pages: u64::MAX, pages_per_s: f64::INFINITY }];
+        plot_wss(&report(bad, vec![window(1, f64::NAN), window(2, 1e300)]), None, &path).unwrap();
+        let err = plot_wss(&report(vec![], vec![]), None, Path::new("/nonexistent/dir/x.svg")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/dir/x.svg"), "{err}");
+    }
+}
