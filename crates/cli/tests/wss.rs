@@ -255,3 +255,26 @@ fn the_forecast_matches_a_real_migration() {
     assert!(o.status.success());
     assert_eq!(dst.wait_exit(secs(30)).code(), Some(0));
 }
+
+/// A migration is not held up by a running sampler (it holds no VM
+/// operation), and the guest arrives intact; the destination has no sampler.
+#[test]
+fn a_migration_runs_beside_a_sampler() {
+    let (mut src, ssock) = running_guest("dirty wss=4 rate=2000", "64M");
+    let r = put(&ssock, "/vm/wss", r#"{"interval_ms":100,"duration_ms":60000}"#);
+    assert!(r.starts_with("HTTP/1.1 202"), "{r}");
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &[]);
+    let o = migrate(&ssock, &addr, &[]);
+    assert!(o.status.success(), "migrate failed beside a sampler: {}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(m["state"], "completed", "{m}");
+    assert_eq!(src.wait_exit(secs(30)).code(), Some(0));
+    assert_eq!(http_get(&dsock, "/vm/wss")["state"], "idle");
+    dst.wait_line("PROGRESS", secs(30));
+    dst.send_line("verify");
+    let ok = dst.wait_line("VERIFY", secs(60));
+    assert!(ok.starts_with("VERIFY OK"), "{ok}");
+    let o = ferry_cmd(&["shutdown", "--api-sock", dsock.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert_eq!(dst.wait_exit(secs(30)).code(), Some(0));
+}

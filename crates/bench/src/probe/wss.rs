@@ -146,12 +146,12 @@ fn print(b: &WssBench) {
         b.phase_s
     );
     println!(
-        "{:<24} {:>16} {:>16} {:>10} {:>16} {:>12}",
+        "{:<24} {:>16} {:>16} {:>10} {:>16} {:>14}",
         "workload", "without (p/s)", "with (p/s)", "slowdown", "pages/interval", "sampler busy"
     );
     for l in &b.loads {
         println!(
-            "{:<24} {:>16.0} {:>16.0} {:>9.1}% {:>16.0} {:>11.3}%",
+            "{:<24} {:>16.0} {:>16.0} {:>9.1}% {:>16.0} {:>13.3}%",
             l.load, l.median_without, l.median_with, l.slowdown_percent, l.pages_per_interval, l.sampler_busy_percent
         );
     }
