@@ -215,7 +215,7 @@ fn a_sampler_beside_a_full_and_an_incremental_snapshot() {
 /// ignored the working set's saturation would say the guest never
 /// converges. Tolerance (the host is shared and noisy): rounds within 3 or
 /// 40%, whichever is more, total time within 40%. Seen here: forecast 9
-/// rounds and 3.9 s, measured 9-12 rounds and 4.1-4.2 s (the real tail
+/// rounds and 3.9 s, measured 9 and 12 rounds, 4.1 and 4.2 s (the real tail
 /// rounds of ~100 pages shrink more slowly than the model's).
 #[test]
 fn the_forecast_matches_a_real_migration() {
