@@ -5,11 +5,12 @@
 //! Live rounds go on until the dirty set can be copied within the share of
 //! the pause budget planned for it ([`FINAL_COPY_SHARE`]), or the round
 //! limit is reached, or the dirty set stops shrinking (by at least 10% a
-//! round, judged from round 3 on, unless auto-converge just tightened).
+//! round, judged from round 3 on, unless auto-converge just tightened), and
+//! auto-converge tightens the throttle after every round that did not shrink it.
 
 use std::time::Duration;
 
-use crate::precopy::{StopReason, FINAL_COPY_SHARE};
+use crate::precopy::{StopReason, ThrottlePolicy, FINAL_COPY_SHARE};
 
 /// Fewest pages a live round must send for its time to update the delivery
 /// rate the rule plans with (1 MiB): a round that sent little measures the
@@ -53,6 +54,15 @@ pub fn stop_after_round(rounds: u32, max_rounds: u32, not_converging: bool, step
     }
 }
 
+/// Auto-converge: the throttle percent after round `rounds`, when that
+/// round did not shrink the dirty set (from round 2 on, up to the cap).
+pub fn throttle_step(rounds: u32, not_converging: bool, current: u32, policy: &ThrottlePolicy) -> Option<u32> {
+    if rounds < 2 || !not_converging || current >= policy.max_percent {
+        return None;
+    }
+    Some(if current == 0 { policy.initial_percent } else { (current + policy.step_percent).min(policy.max_percent) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +83,12 @@ mod tests {
         assert_eq!(stop_after_round(3, 30, true, true), None);
         assert_eq!(stop_after_round(30, 30, false, false), Some(StopReason::MaxRounds));
         assert!(updates_rate(256) && !updates_rate(255));
+        let p = ThrottlePolicy::default();
+        assert_eq!(throttle_step(1, true, 0, &p), None);
+        assert_eq!(throttle_step(2, false, 0, &p), None);
+        assert_eq!(throttle_step(2, true, 0, &p), Some(20));
+        assert_eq!(throttle_step(5, true, 20, &p), Some(30));
+        assert_eq!(throttle_step(5, true, 95, &p), Some(99));
+        assert_eq!(throttle_step(5, true, 99, &p), None);
     }
 }

@@ -687,12 +687,8 @@ pub fn precopy(
                 // tightens the throttle, while it can still be tightened.
                 let mut stepped = false;
                 if let Some((policy, th, ts)) = throttle.as_mut() {
-                    if rounds >= 2 && not_converging && ts.final_percent < policy.max_percent {
-                        ts.final_percent = if ts.final_percent == 0 {
-                            policy.initial_percent
-                        } else {
-                            (ts.final_percent + policy.step_percent).min(policy.max_percent)
-                        };
+                    if let Some(pct) = convergence::throttle_step(rounds, not_converging, ts.final_percent, policy) {
+                        ts.final_percent = pct;
                         th.set(ts.final_percent);
                         ts.steps.push(ThrottleStep {
                             round: rounds,

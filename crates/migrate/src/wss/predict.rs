@@ -159,8 +159,8 @@ pub fn predict(report: &WssReport, params: &PredictParams) -> Prediction {
         let not_converging = convergence::not_converging(n, prev);
         prev = n;
         let mut stepped = false;
-        if params.throttle && count >= 2 && not_converging && pct < policy.max_percent {
-            pct = if pct == 0 { policy.initial_percent } else { (pct + policy.step_percent).min(policy.max_percent) };
+        if let Some(p) = convergence::throttle_step(count, not_converging, pct, &policy).filter(|_| params.throttle) {
+            pct = p;
             stepped = true;
         }
         if let Some(reason) = convergence::stop_after_round(count, limit, not_converging, stepped) {
