@@ -34,6 +34,7 @@ pub use probe::mount::MountBenchArgs;
 pub use probe::scan::ScanBenchArgs;
 pub use probe::snapshot::SnapBenchArgs;
 pub use probe::watch::WatchBenchArgs;
+pub use probe::wss::WssBenchArgs;
 pub use run_report::RunReport;
 
 /// The `ferry bench` subcommands (clap derive; the CLI flattens this enum
@@ -89,6 +90,13 @@ pub enum BenchCmd {
         #[command(flatten)]
         args: WatchBenchArgs,
     },
+    /// What `ferry wss` sampling costs the guest: its progress rate with and
+    /// without sampling, alternating on the same guest.
+    Wss {
+        /// Its options.
+        #[command(flatten)]
+        args: WssBenchArgs,
+    },
 }
 
 /// Runs a benchmark and returns the process exit status (0: it ran; a
@@ -109,5 +117,6 @@ pub fn run(cmd: BenchCmd) -> Result<u8> {
         BenchCmd::Mount { args } => probe::mount::mount_bench(args),
         BenchCmd::Scan { args } => probe::scan::scan_bench(args),
         BenchCmd::Watch { args } => probe::watch::watch_bench(args),
+        BenchCmd::Wss { args } => probe::wss::wss_bench(args),
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use std::sync::OnceLock;
 
 use ferry_migrate::migration::MigrateRequest;
+use ferry_migrate::wss;
 use ferry_migrate::{Applied, ControlError, Fault, SnapshotRequest, VmController};
 use serde_json::json;
 
@@ -199,6 +200,16 @@ pub(crate) fn control_error(e: ControlError) -> Response {
     Response::json(status, &body)
 }
 
+/// Maps a sampler error to its status: 400 bad request, 409 busy or stopped, 500 the VMM's.
+fn wss_error(e: wss::WssError) -> Response {
+    let status = match e {
+        wss::WssError::Invalid(_) => 400,
+        wss::WssError::Busy { .. } | wss::WssError::Stopped => 409,
+        wss::WssError::Vm(_) | wss::WssError::Thread(_) => 500,
+    };
+    Response::error(status, e.to_string())
+}
+
 /// The endpoints and the methods each allows.
 const ENDPOINTS: &[(&str, &str)] = &[
     ("/vm", "GET"),
@@ -212,6 +223,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("/vm/migration", "GET"),
     ("/vm/migration/cancel", "PUT"),
     ("/vm/migration/resume", "PUT"),
+    ("/vm/wss", "GET, PUT"),
 ];
 
 fn run_state_response(ctl: &VmController, applied: Applied, requested: &str) -> Response {
@@ -331,6 +343,17 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
             Ok(Ok(v)) => Response::json(200, &v),
             Ok(Err(e)) => control_error(e),
         },
+        ("PUT", "/vm/wss") => {
+            let req: wss::WssRequest = match serde_json::from_slice(&req.body) {
+                Ok(r) => r,
+                Err(e) => return Response::error(400, format!("invalid working-set request: {e}")),
+            };
+            match wss::start(vm, &req) {
+                Ok(v) => Response::json(202, &v),
+                Err(e) => wss_error(e),
+            }
+        }
+        ("GET", "/vm/wss") => Response::json(200, &wss::status()),
         (_, p) if crate::liveapi::serves(p) => crate::liveapi::route(ctl, req),
         (_, p) => match ENDPOINTS.iter().find(|(path, _)| *path == p) {
             Some((_, allow)) => {

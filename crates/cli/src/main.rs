@@ -9,6 +9,7 @@ mod mountcmd;
 mod liveapi;
 mod livecmd;
 mod signals;
+mod wsscmd;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -58,6 +59,8 @@ enum Command {
     Receive(ReceiveArgs),
     /// Cancel a running migration (the guest keeps running here).
     MigrateCancel(SockArgs),
+    /// Sample a running guest's working set; forecast a migration of it.
+    Wss(wsscmd::WssArgs),
     /// Make a CA and certificates for migration over mutual TLS.
     Certs {
         #[command(subcommand)]
@@ -484,6 +487,7 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
             }
             Ok(0)
         }
+        Command::Wss(a) => wsscmd::run(a),
         Command::Image { cmd } => {
             // `ferry image maps IMG | head` must end quietly, as any Unix
             // filter does, not panic on the closed pipe. Only here: the

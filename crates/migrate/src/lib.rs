@@ -9,6 +9,7 @@
 
 pub mod certs;
 pub mod control;
+pub mod convergence;
 pub mod lazy;
 pub mod local;
 pub mod migration;
@@ -23,6 +24,7 @@ pub mod snapshot;
 mod streams;
 pub mod transport;
 pub mod wire;
+pub mod wss;
 
 pub use control::{Applied, ControlError, Fault, Operation, RegsReport, VmController};
 pub use lazy::{LazyCompletion, LazyRestore, LazyStats};

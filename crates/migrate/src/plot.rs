@@ -175,7 +175,7 @@ impl Round {
 
 /// Largest value drawn: sums of thousands of rounds stay finite, and pixel
 /// arithmetic in plotters stays far from overflow trouble.
-const CAP: f64 = 1e18;
+pub(crate) const CAP: f64 = 1e18;
 
 const WIDTH: u32 = 1200;
 const HEIGHT: u32 = 780;
@@ -188,14 +188,14 @@ const RIGHT_MARGIN: u32 = 36;
 const MIN_BAR_PX: f64 = 7.0;
 /// Rounds above which the rate lines are drawn without point markers.
 const MAX_MARKERS: usize = 200;
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 
-const LIVE: RGBColor = RGBColor(59, 117, 196);
-const PAUSED: RGBColor = RGBColor(204, 51, 51);
-const DIRTY: RGBColor = RGBColor(30, 140, 70);
-const COPY: RGBColor = RGBColor(110, 110, 110);
-const INK: RGBColor = RGBColor(30, 30, 30);
-const GRID: RGBColor = RGBColor(225, 225, 225);
+pub(crate) const LIVE: RGBColor = RGBColor(59, 117, 196);
+pub(crate) const PAUSED: RGBColor = RGBColor(204, 51, 51);
+pub(crate) const DIRTY: RGBColor = RGBColor(30, 140, 70);
+pub(crate) const COPY: RGBColor = RGBColor(110, 110, 110);
+pub(crate) const INK: RGBColor = RGBColor(30, 30, 30);
+pub(crate) const GRID: RGBColor = RGBColor(225, 225, 225);
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 type Drawn = Result<(), Box<dyn StdError>>;
@@ -240,7 +240,7 @@ fn render(figure: &Figure, out: &mut String) -> Drawn {
     Ok(())
 }
 
-fn text(size: u32, color: RGBColor) -> TextStyle<'static> {
+pub(crate) fn text(size: u32, color: RGBColor) -> TextStyle<'static> {
     (FONT, size).into_font().color(&color)
 }
 
@@ -502,7 +502,7 @@ fn rate_panel(area: &Area, figure: &Figure, axis: &TimeAxis) -> Drawn {
 }
 
 /// NaN, infinities and negatives become 0; anything above [`CAP`] becomes [`CAP`].
-fn clean(v: f64) -> f64 {
+pub(crate) fn clean(v: f64) -> f64 {
     if v.is_finite() && v > 0.0 {
         v.min(CAP)
     } else {
@@ -534,7 +534,7 @@ fn explain_stop(name: &str) -> String {
 }
 
 /// A short axis or bar label: "0.25", "12.5", "300", "1.2k", "262k", "3.4M".
-fn fmt_num(v: f64) -> String {
+pub(crate) fn fmt_num(v: f64) -> String {
     if !v.is_finite() {
         return "n/a".into();
     }
@@ -570,7 +570,7 @@ fn trim_zeros(s: String) -> String {
 }
 
 /// Milliseconds as a person reads them: "0.42 ms", "123 ms", "4.56 s".
-fn fmt_ms(ms: f64) -> String {
+pub(crate) fn fmt_ms(ms: f64) -> String {
     if !ms.is_finite() || ms < 0.0 {
         "n/a".into()
     } else if ms == 0.0 {
@@ -595,7 +595,7 @@ fn fmt_mb_per_s(v: f64) -> String {
     }
 }
 
-fn fmt_bytes(b: u64) -> String {
+pub(crate) fn fmt_bytes(b: u64) -> String {
     let b = b as f64;
     if b >= 1e9 {
         format!("{:.2} GB", b / 1e9)
@@ -609,12 +609,12 @@ fn fmt_bytes(b: u64) -> String {
 }
 
 /// "1 page", "262,144 pages".
-fn plural(n: u64, word: &str) -> String {
+pub(crate) fn plural(n: u64, word: &str) -> String {
     format!("{} {word}{}", group(n), if n == 1 { "" } else { "s" })
 }
 
 /// "262,144".
-fn group(n: u64) -> String {
+pub(crate) fn group(n: u64) -> String {
     let digits = n.to_string();
     let groups: Vec<&str> = digits.as_bytes().rchunks(3).rev().map(|g| std::str::from_utf8(g).unwrap_or("")).collect();
     groups.join(",")

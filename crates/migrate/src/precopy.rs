@@ -12,6 +12,7 @@ use ferry_vmm::uffd::{self, Uffd};
 use ferry_vmm::{DirtyView, RamRegion, Vm, VmState};
 use serde::Serialize;
 
+use crate::convergence;
 use crate::sink::PageSink;
 use crate::Result;
 
@@ -22,10 +23,6 @@ const PAGE: usize = 4096;
 /// target (1 GiB, 64 MiB working set at full rate): the fixed costs around
 /// the copy (vCPU kick, dirty log, state, resume) are 0.7-3 ms here.
 pub const FINAL_COPY_SHARE: f64 = 0.5;
-
-/// Fewest pages a live round must send for its time to update the delivery
-/// rate the convergence model plans with (1 MiB).
-const MIN_RATE_SAMPLE_PAGES: u64 = 256;
 
 /// How a pre-copy runs.
 #[derive(Clone, Debug)]
@@ -297,12 +294,12 @@ fn andnot(a: &[Bitmap], b: &[Bitmap]) -> Vec<Bitmap> {
     zip_with(a, b, |p, q| p & !q)
 }
 
-fn count(bms: &[Bitmap]) -> u64 {
+pub(crate) fn count(bms: &[Bitmap]) -> u64 {
     bms.iter().flatten().map(|w| w.count_ones() as u64).sum()
 }
 
 /// Pages of the region that are resident (ever touched); the others are zero.
-fn resident(region: &RamRegion) -> Bitmap {
+pub(crate) fn resident(region: &RamRegion) -> Bitmap {
     let pages = region.len as usize / PAGE;
     let mut vec = vec![0u8; pages];
     let mut bm = vec![0u64; pages.div_ceil(64)];
@@ -320,7 +317,7 @@ fn resident(region: &RamRegion) -> Bitmap {
     bm
 }
 
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     // SAFETY: every bit pattern is a valid u128.
     let (pre, words, post) = unsafe { page.align_to::<u128>() };
     pre.iter().all(|b| *b == 0) && post.iter().all(|b| *b == 0) && words.iter().fold(0u128, |a, w| a | w) == 0
@@ -629,7 +626,7 @@ pub fn precopy(
             rate_pages_per_ms = (r1.pages as f64 / r1.ms.max(0.001)).max(1.0);
             stats.rounds.push(r1);
         }
-        let budget_pages = |rate: f64| (rate * ms(cfg.downtime_target) * FINAL_COPY_SHARE) as u64;
+        let budget_pages = |rate: f64| convergence::budget_pages(rate, cfg.downtime_target);
         stats.stop_reason = StopReason::Paused;
         if live {
             let mut prev = u64::MAX;
@@ -688,23 +685,19 @@ pub fn precopy(
                 let r = round(&regions, &send_now, sink, false)?;
                 // A round that sent little (its pages held back) measures the
                 // round trip, not the link: keep the rate measured before.
-                if r.ms > 0.0 && r.pages >= MIN_RATE_SAMPLE_PAGES {
+                if r.ms > 0.0 && convergence::updates_rate(r.pages) {
                     rate_pages_per_ms = (r.pages as f64 / r.ms).max(1.0);
                 }
                 stats.rounds.push(r);
                 let rounds = stats.rounds.len() as u32;
-                let not_converging = n as f64 > prev as f64 * 0.9;
+                let not_converging = convergence::not_converging(n, prev);
                 prev = n;
                 // Auto-converge: a round that did not shrink the dirty set
                 // tightens the throttle, while it can still be tightened.
                 let mut stepped = false;
                 if let Some((policy, th, ts)) = throttle.as_mut() {
-                    if rounds >= 2 && not_converging && ts.final_percent < policy.max_percent {
-                        ts.final_percent = if ts.final_percent == 0 {
-                            policy.initial_percent
-                        } else {
-                            (ts.final_percent + policy.step_percent).min(policy.max_percent)
-                        };
+                    if let Some(pct) = convergence::throttle_step(rounds, not_converging, ts.final_percent, policy) {
+                        ts.final_percent = pct;
                         th.set(ts.final_percent);
                         ts.steps.push(ThrottleStep {
                             round: rounds,
@@ -714,9 +707,8 @@ pub fn precopy(
                         stepped = true;
                     }
                 }
-                if rounds >= cfg.max_rounds || (rounds >= 3 && not_converging && !stepped) {
-                    stats.stop_reason =
-                        if rounds >= cfg.max_rounds { StopReason::MaxRounds } else { StopReason::NotConverging };
+                if let Some(reason) = convergence::stop_after_round(rounds, cfg.max_rounds, not_converging, stepped) {
+                    stats.stop_reason = reason;
                     end_throttle(&mut throttle, &mut stats);
                     if cfg.require_convergence {
                         return Err(crate::Error::NotConverging {

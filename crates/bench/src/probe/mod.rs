@@ -8,3 +8,4 @@ pub(crate) mod mount;
 pub(crate) mod scan;
 pub(crate) mod snapshot;
 pub(crate) mod watch;
+pub(crate) mod wss;
