@@ -5,9 +5,9 @@ mod certs;
 mod http;
 mod imagecmd;
 mod inspectcmd;
-mod mountcmd;
 mod liveapi;
 mod livecmd;
+mod mountcmd;
 mod signals;
 mod wsscmd;
 

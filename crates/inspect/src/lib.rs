@@ -19,8 +19,8 @@ mod read;
 mod redact;
 mod scan;
 mod stats;
-mod yara;
 mod watch;
+mod yara;
 
 #[cfg(test)]
 mod diff_tests;
@@ -45,8 +45,8 @@ pub use redact::{
 };
 pub use scan::{scan, Literals, Match, Matcher, Pattern, ScanOptions, ScanReport, MAX_PATTERN};
 pub use stats::{entropy, stats, Compressibility, ImageStats, Sharing, StatsOptions, StatsReport};
-pub use yara::{scan_yara, YaraRules, YaraSummary, MAX_MATCHES_PER_PATTERN, MAX_RULES_FILE, MAX_YARA_PATTERN};
 pub use watch::{
     dirty_extents, PassReport, ScanRequest, WatchError, WatchInfo, WatchMatch, Watches, MAX_KNOWN, MAX_LISTED,
     MAX_PATTERNS,
 };
+pub use yara::{scan_yara, YaraRules, YaraSummary, MAX_MATCHES_PER_PATTERN, MAX_RULES_FILE, MAX_YARA_PATTERN};
