@@ -5,22 +5,11 @@
 
 mod common;
 use common::*;
-use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The planted bytes: crosses the 4 KiB page boundary at 0x401000.
 const PLANT: &[u8] = b"FERRY-INSPECT-7f3a9c";
 const AT: u64 = 0x401000 - 10;
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn ok_json(args: &[&str]) -> Value {
-    let o = ferry_cmd(args);
-    assert!(o.status.success(), "ferry {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
-}
 
 fn ok_text(args: &[&str]) -> String {
     let o = ferry_cmd(args);
@@ -48,10 +37,6 @@ fn planted_snapshot() -> (tempfile::TempDir, PathBuf) {
     snapshot_ok(&sock, &img, &[]);
     drop(g); // kills and reaps the VMM
     (dir, img)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

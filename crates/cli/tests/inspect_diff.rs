@@ -13,16 +13,6 @@ use std::path::{Path, PathBuf};
 
 const PG: usize = 4096;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn ok_json(args: &[&str]) -> Value {
-    let o = ferry_cmd(args);
-    assert!(o.status.success(), "ferry {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
-}
-
 fn fails(args: &[&str], expect: &[&str]) {
     let o = ferry_cmd(args);
     let err = String::from_utf8_lossy(&o.stderr);

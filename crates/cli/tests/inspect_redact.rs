@@ -22,20 +22,6 @@ const RANGE: (u64, u64) = (0x300800, 0x302100);
 const FILL: u8 = 0x2a;
 const PAGE: usize = 4096;
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn ok_json(args: &[&str]) -> Value {
-    let o = ferry_cmd(args);
-    assert!(o.status.success(), "ferry {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
-}
-
 /// Runs ferry expecting failure; returns stderr after checking it names every `expect`.
 fn fails(args: &[&str], expect: &[&str]) -> String {
     let o = ferry_cmd(args);

@@ -12,7 +12,7 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The planted bytes, at the last 32 bytes of the region's last page.
 const PLANT: &[u8; 32] = b"FERRY-YARA-TEXT-0123456789abcdef";
@@ -23,10 +23,6 @@ const WSS_END: u64 = REGION + (1 << 20);
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x} ")).collect()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn run(args: &[&str]) -> std::process::Output {

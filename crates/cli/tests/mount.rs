@@ -99,10 +99,6 @@ impl Drop for Mounted {
     }
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn fuse_available() -> bool {
     if Path::new("/dev/fuse").exists() {
         return true;
