@@ -159,7 +159,7 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
                 None => (None, None),
             };
             let opts = ScanOptions { max_matches: r.listed(), paging: ctx, ..ScanOptions::default() };
-            match ferry_inspect::scan(&mut mem(), &matcher, &opts) {
+            match matcher.scan(&mut mem(), &opts) {
                 Ok(v) => ok_with_pause(&v, pause),
                 Err(e) => inspect_error(e),
             }
@@ -169,10 +169,11 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
                 Ok(r) => r,
                 Err(e) => return e,
             };
-            // Check the patterns before pausing for registers.
-            if let Err(e) = r.matcher() {
-                return inspect_error(e);
-            }
+            // Compile the patterns or rules before pausing for registers.
+            let matcher = match r.matcher() {
+                Ok(m) => m,
+                Err(e) => return inspect_error(e),
+            };
             let (ctx, pause) = match r.vcpu {
                 Some(v) => match paging(ctl, Some(v), None) {
                     Ok((c, ms)) => (Some(c), Some(ms)),
@@ -180,7 +181,7 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
                 },
                 None => (None, None),
             };
-            match watches().create(ctl.vm(), &r, ctx) {
+            match watches().create(ctl.vm(), &r, matcher, ctx) {
                 Ok(v) => ok_with_pause(&v, pause),
                 Err(e) => watch_error(e),
             }

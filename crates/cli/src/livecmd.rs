@@ -95,6 +95,10 @@ pub struct LiveScanArgs {
     /// Bytes to search for, in hex (`deadbeef`, `0xde ad`); repeatable.
     #[arg(long)]
     hex: Vec<String>,
+    /// A YARA rule file (as for `ferry image scan --rules`), sent to the VM as text; with
+    /// `--watch`, conditions are evaluated over all of memory on every pass.
+    #[arg(long, conflicts_with_all = ["string", "hex"])]
+    rules: Option<PathBuf>,
     /// Name virtual addresses through this vCPU's page tables (default 0).
     #[arg(long, conflicts_with = "no_virt")]
     vcpu: Option<usize>,
@@ -114,6 +118,9 @@ pub struct LiveScanArgs {
     #[arg(long, requires = "watch")]
     passes: Option<u64>,
 }
+
+/// Largest rule file sent over the API (its JSON-quoted text must fit in a request body).
+const MAX_API_RULES: u64 = 512 << 10;
 
 fn call(sock: &std::path::Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
     crate::http::request(sock, method, path, body, SCAN_TIMEOUT).with_context(|| format!("{method} {path}"))
@@ -233,6 +240,41 @@ fn done() {
     }
 }
 
+/// `rule:$pattern` for a YARA match, the pattern's name otherwise.
+fn match_name(m: &Value) -> String {
+    let pattern = m["pattern"].as_str().unwrap_or("?");
+    match m["rule"].as_str() {
+        Some(r) => format!("{r}:{pattern}"),
+        None => pattern.to_string(),
+    }
+}
+
+/// Reads a rule file for the request body, bounded.
+fn rules_text(path: &std::path::Path) -> Result<String> {
+    let len = std::fs::metadata(path).with_context(|| format!("rule file {}", path.display()))?.len();
+    if len > MAX_API_RULES {
+        bail!(
+            "rule file {} has {len} bytes; at most {MAX_API_RULES} go over the API (use `ferry image scan --rules` on a snapshot)",
+            path.display()
+        );
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading rule file {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!("rule file {}: not UTF-8 text (byte {})", path.display(), e.utf8_error().valid_up_to())
+    })
+}
+
+/// The rule file's name as the VM's messages give it: the path, or its last part if the path
+/// is too long for the API's limit.
+fn rules_origin(path: &std::path::Path) -> String {
+    let full = path.display().to_string();
+    if full.len() <= ferry_inspect::MAX_RULES_ORIGIN && !full.chars().any(char::is_control) {
+        return full;
+    }
+    let name: String = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    name.chars().filter(|c| !c.is_control()).take(64).collect()
+}
+
 fn print_pass(p: &Value, json_out: bool) -> Result<()> {
     for m in p["new_matches"].as_array().into_iter().flatten() {
         if json_out {
@@ -241,13 +283,7 @@ fn print_pass(p: &Value, json_out: bool) -> Result<()> {
             line["watch"] = p["watch"].clone();
             println!("{}", serde_json::to_string(&line)?);
         } else {
-            println!(
-                "pass {:>3}  {:#014x}  {}  va {}",
-                u(&m["pass"]),
-                u(&m["pa"]),
-                m["pattern"].as_str().unwrap_or("?"),
-                vas(m)
-            );
+            println!("pass {:>3}  {:#014x}  {}  va {}", u(&m["pass"]), u(&m["pa"]), match_name(m), vas(m));
         }
     }
     if json_out {
@@ -273,6 +309,19 @@ fn print_pass(p: &Value, json_out: bool) -> Result<()> {
                 .map_or(String::new(), |ms| format!("; guest paused {ms:.2} ms for registers"))
         );
     }
+    if !json_out {
+        if let Some(now) = p["matching_rules"].as_array() {
+            let names = |v: &[Value]| v.iter().filter_map(|r| r.as_str()).collect::<Vec<_>>().join(", ");
+            let new = p["new_rules"].as_array().map(|v| v.as_slice()).unwrap_or_default();
+            println!(
+                "          {} rule(s) hold{}{}; {} known match(es) re-read from unwritten pages",
+                now.len(),
+                if now.is_empty() { String::new() } else { format!(": {}", names(now)) },
+                if new.is_empty() { String::new() } else { format!(" (new: {})", names(new)) },
+                u(&p["refed_matches"])
+            );
+        }
+    }
     use std::io::Write;
     std::io::stdout().flush()?;
     Ok(())
@@ -280,10 +329,17 @@ fn print_pass(p: &Value, json_out: bool) -> Result<()> {
 
 /// `ferry scan --api-sock [--watch]`.
 pub fn scan(a: LiveScanArgs) -> Result<u8> {
-    if a.string.is_empty() && a.hex.is_empty() {
-        bail!("give at least one --string or --hex pattern");
-    }
-    let mut body = json!({ "strings": a.string, "hex": a.hex, "max_matches": a.max_matches });
+    let mut body = match &a.rules {
+        Some(path) => json!({
+            "rules": rules_text(path)?,
+            "rules_origin": rules_origin(path),
+            "max_matches": a.max_matches,
+        }),
+        None if a.string.is_empty() && a.hex.is_empty() => {
+            bail!("give at least one --string or --hex pattern, or --rules FILE")
+        }
+        None => json!({ "strings": a.string, "hex": a.hex, "max_matches": a.max_matches }),
+    };
     if !a.no_virt {
         body["vcpu"] = json!(a.vcpu.unwrap_or(0));
     }
@@ -298,7 +354,17 @@ pub fn scan(a: LiveScanArgs) -> Result<u8> {
             return Ok(0);
         }
         for m in v["matches"].as_array().into_iter().flatten() {
-            println!("{:#014x}  {}  va {}", u(&m["pa"]), m["pattern"].as_str().unwrap_or("?"), vas(m));
+            println!("{:#014x}  {}  va {}", u(&m["pa"]), match_name(m), vas(m));
+        }
+        if let Some(y) = v.get("yara") {
+            let names: Vec<&str> =
+                y["matching_rules"].as_array().into_iter().flatten().filter_map(|r| r.as_str()).collect();
+            println!(
+                "{} of {} rule(s) matched{}",
+                names.len(),
+                u(&y["rules"]),
+                if names.is_empty() { String::new() } else { format!(": {}", names.join(", ")) }
+            );
         }
         let secs = v["elapsed_secs"].as_f64().unwrap_or(0.0);
         println!(
@@ -312,6 +378,10 @@ pub fn scan(a: LiveScanArgs) -> Result<u8> {
         );
         return Ok(0);
     }
+    // The VMM ends a watch left idle (300 s by default): ask for three intervals, so that
+    // a slow `--every` keeps its watch while one late pass does not.
+    let idle_s = (a.every.as_secs_f64() * 3.0).ceil() as u64;
+    body["idle_s"] = json!(idle_s.clamp(300, ferry_inspect::MAX_WATCH_IDLE_S));
     let start = Instant::now();
     busy("pass 1 (all of RAM)");
     let first = call(sock, "PUT", "/vm/scan/watch", Some(&body));

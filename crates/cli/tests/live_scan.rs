@@ -132,6 +132,28 @@ fn live_read_maps_and_scan_equal_a_snapshot_and_refuse_bad_input() {
     }
     assert_eq!(http(&sock, "DELETE", &format!("/vm/scan/watch/{}", ids[0]), "").0, 404);
     assert_eq!(http(&sock, "PUT", "/vm/scan/watch", "{\"strings\": [\"x\"]}").0, 200, "room again");
+
+    // A watch asked to expire after 1 s idle is gone after 2.5 s without a pass (its dirty
+    // view with it); bad idle times are refused.
+    let (st, v) = http(&sock, "PUT", "/vm/scan/watch", "{\"strings\": [\"x\"], \"idle_s\": 1}");
+    assert_eq!(st, 200, "{v}");
+    let short = v["watch"].as_u64().unwrap();
+    let listed = http(&sock, "GET", "/vm/scan/watch", "").1;
+    let w = listed["watches"].as_array().unwrap().iter().find(|w| w["watch"] == short).unwrap().clone();
+    assert_eq!(w["expires_after_s"], 1, "{w}");
+    std::thread::sleep(Duration::from_millis(2500));
+    let (st, v) = http(&sock, "PUT", &format!("/vm/scan/watch/{short}"), "");
+    assert_eq!(st, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("expired after 1 s"), "{v}");
+    assert!(!http(&sock, "GET", "/vm/scan/watch", "").1["watches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w["watch"] == short));
+    for bad in ["0", "172801", "-1"] {
+        let (st, v) = http(&sock, "PUT", "/vm/scan/watch", &format!("{{\"strings\": [\"x\"], \"idle_s\": {bad}}}"));
+        assert_eq!(st, 400, "idle_s {bad}: {v}");
+    }
 }
 
 /// JSON lines of a `ferry scan --watch --json` run: (pass lines, match lines).
@@ -276,4 +298,141 @@ fn an_incremental_snapshot_taken_while_a_watch_runs_is_complete() {
         stats["memory_digest"],
         "the chain holds every page written since the full image, including those the watch read"
     );
+}
+
+/// Hex of `b`, spaced for a YARA hex pattern.
+fn yara_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn a_watch_with_yara_rules_evaluates_conditions_over_all_of_memory() {
+    // Two plants side by side make "WATCH-RULE-PAIR-7d3e" at 0x2001000, 5 s
+    // after boot. The guest's parsed copies of each half lie apart, so the
+    // whole string is only at the planted place.
+    let (h1, h2): (&[u8], &[u8]) = (b"WATCH-RULE-", b"PAIR-7d3e");
+    let at: u64 = 0x2001000;
+    let cmdline = format!(
+        "idle report=1000 plant={}@{at:#x} plant={}@{:#x} plant_after=5000",
+        hex(h1),
+        hex(h2),
+        at + h1.len() as u64
+    );
+    let (g, sock) = running_guest(&cmdline, "128M");
+    assert!(!g.seen.iter().any(|l| l.starts_with("PLANTED")), "planted too early: {:?}", g.seen);
+    // The guest's code at 1 MiB is never written: a pattern there matches in
+    // memory that no later pass reads, unless the watch re-reads known matches.
+    let code = ok_json(&["read", "--api-sock", s(&sock), "--phys", "0x100000", "--len", "24", "--json"]);
+    let code = unhex(code["bytes"].as_str().unwrap());
+    assert!(code.iter().any(|&b| b != 0), "code at 1 MiB: {code:?}");
+    let rules = g.path("watch.yar");
+    std::fs::write(
+        &rules,
+        format!(
+            "rule static_code {{ strings: $c = {{ {c} }} condition: $c }}\n\
+             rule late_pair {{ strings: $code = {{ {c} }} $p = \"WATCH-RULE-PAIR-7d3e\" condition: $code and $p }}\n\
+             rule twice {{ strings: $p = \"WATCH-RULE-PAIR-7d3e\" condition: #p >= 2 }}\n\
+             private rule hidden {{ strings: $h = {{ {c} }} condition: $h }}\n\
+             rule uses_hidden {{ condition: hidden and static_code }}\n",
+            c = yara_hex(&code)
+        ),
+    )
+    .unwrap();
+    let o = ferry_cmd(&[
+        "scan",
+        "--api-sock",
+        s(&sock),
+        "--rules",
+        s(&rules),
+        "--watch",
+        "--every",
+        "500ms",
+        "--passes",
+        "20",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (passes, matches) = watch_lines(&o.stdout);
+    assert_eq!(passes.len(), 20);
+    let names =
+        |v: &Value| -> Vec<String> { v.as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect() };
+    // Before the plant: the code's rules hold (one through a private rule, never listed).
+    assert_eq!(passes[0]["full"], true);
+    assert_eq!(names(&passes[0]["matching_rules"]), ["static_code", "uses_hidden"], "{}", passes[0]);
+    let k = passes
+        .iter()
+        .position(|p| names(&p["matching_rules"]).contains(&"late_pair".to_string()))
+        .unwrap_or_else(|| panic!("late_pair never held: {passes:?}"));
+    assert!(k >= 1, "late_pair held before the plant: {passes:?}");
+    let p = &passes[k];
+    assert_eq!(p["full"], false, "{p}");
+    assert_eq!(names(&p["new_rules"]), ["late_pair"], "{p}");
+    assert!(p["refed_matches"].as_u64().unwrap() >= 1, "the code match was re-read, not rescanned: {p}");
+    let ram_pages = passes[0]["ram_bytes"].as_u64().unwrap() / 4096;
+    assert!(p["pages_scanned"].as_u64().unwrap() * 100 < ram_pages, "{p}");
+    // Its matches are new in that pass: the string at the planted place and the code.
+    let of = |rule: &str, pattern: &str| -> Vec<Value> {
+        matches.iter().filter(|m| m["rule"] == rule && m["pattern"] == pattern).cloned().collect()
+    };
+    let pm = of("late_pair", "$p");
+    assert_eq!(pm.len(), 1, "{matches:?}");
+    assert_eq!(pm[0]["pa"], at);
+    assert_eq!(pm[0]["va"][0], at, "identity-mapped");
+    assert_eq!(pm[0]["pass"].as_u64().unwrap(), k as u64 + 1);
+    let cm = of("late_pair", "$code");
+    assert_eq!(cm.len(), 1, "{matches:?}");
+    assert_eq!(cm[0]["pa"], 0x100000);
+    assert_eq!(of("static_code", "$c")[0]["pass"], 1);
+    assert!(of("twice", "$p").is_empty() && of("hidden", "$h").is_empty(), "{matches:?}");
+    // Later passes: the rules keep holding on re-read matches, and nothing is new again.
+    for p in &passes[k + 1..] {
+        let now = names(&p["matching_rules"]);
+        assert!(now.contains(&"late_pair".to_string()) && now.contains(&"uses_hidden".to_string()), "{p}");
+        assert_eq!(p["new_total"], 0, "{p}");
+    }
+    let total: usize = passes.iter().map(|p| p["new_total"].as_u64().unwrap() as usize).sum();
+    assert_eq!(total, matches.len(), "every new match is listed once");
+
+    // A one-shot live scan with the same rules equals a scan of a snapshot.
+    let live = ok_json(&["scan", "--api-sock", s(&sock), "--rules", s(&rules), "--json"]);
+    let img = g.path("rules.img");
+    snapshot_ok(&sock, &img, &[]);
+    let image = ok_json(&["image", "scan", s(&img), "--rules", s(&rules), "--json"]);
+    assert_eq!(live["yara"]["matching_rules"], image["yara"]["matching_rules"]);
+    let key = |v: &Value| -> Vec<(String, String, u64)> {
+        v["matches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (m["rule"].as_str().unwrap().into(), m["pattern"].as_str().unwrap().into(), m["pa"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    assert_eq!(key(&live), key(&image));
+    assert!(key(&live).contains(&("late_pair".into(), "$p".into(), at)));
+
+    // Bad rules: clear errors naming the rule, before anything is scanned.
+    let bad = g.path("bad.yar");
+    std::fs::write(&bad, "import \"pe\"\nrule uses_pe { condition: pe.is_pe }\n").unwrap();
+    fails(&["scan", "--api-sock", s(&sock), "--rules", s(&bad)], "uses_pe");
+    std::fs::write(&bad, "rule broken { strings: $a = \"x\" condition: $b }\n").unwrap();
+    fails(&["scan", "--api-sock", s(&sock), "--rules", s(&bad), "--watch", "--passes", "2"], "bad.yar");
+    std::fs::write(&bad, "rule zeros { strings: $z = { 00 00 00 00 } condition: $z }\n").unwrap();
+    fails(&["scan", "--api-sock", s(&sock), "--rules", s(&bad), "--watch", "--passes", "2"], "cannot be watched");
+    fails(&["scan", "--api-sock", s(&sock), "--rules", s(&rules), "--string", "x"], "cannot be used with");
+    for (body, want) in [
+        ("{\"rules\": \"rule r { condition: filesize > 0 }\"}", "filesize"),
+        ("{\"rules\": \"rule r { strings: $a = \\\"x\\\" condition: $a }\", \"strings\": [\"y\"]}", "not both"),
+        ("{\"rules\": \"rule r { condition: true }\", \"rules_origin\": \"a\\nb\"}", "control characters"),
+        ("{\"rules\": 7}", "invalid"),
+    ] {
+        let (st, v) = http(&sock, "PUT", "/vm/scan", body);
+        assert_eq!(st, 400, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(want), "{body}: {v}");
+    }
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap()).collect()
 }

@@ -21,6 +21,7 @@ mod scan;
 mod stats;
 mod watch;
 mod yara;
+mod yara_watch;
 
 #[cfg(test)]
 mod diff_tests;
@@ -46,7 +47,8 @@ pub use redact::{
 pub use scan::{scan, Literals, Match, Matcher, Pattern, ScanOptions, ScanReport, MAX_PATTERN};
 pub use stats::{entropy, stats, Compressibility, ImageStats, Sharing, StatsOptions, StatsReport};
 pub use watch::{
-    dirty_extents, PassReport, ScanRequest, WatchError, WatchInfo, WatchMatch, Watches, MAX_KNOWN, MAX_LISTED,
-    MAX_PATTERNS,
+    dirty_extents, LiveMatcher, PassReport, ScanRequest, WatchError, WatchInfo, WatchMatch, Watches, MAX_KNOWN,
+    MAX_LISTED, MAX_PATTERNS, MAX_RULES_ORIGIN, MAX_WATCH_IDLE_S,
 };
 pub use yara::{scan_yara, YaraRules, YaraSummary, MAX_MATCHES_PER_PATTERN, MAX_RULES_FILE, MAX_YARA_PATTERN};
+pub use yara_watch::MAX_KNOWN_HITS;

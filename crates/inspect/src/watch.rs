@@ -25,7 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::live::LiveMem;
 use crate::paging::PagingContext;
-use crate::scan::{scan, Literals, Matcher, Pattern, ScanOptions};
+use crate::scan::{scan, with_virtual_addresses, Literals, Match, Matcher, Pattern, ScanOptions, ScanReport};
+use crate::yara::{scan_yara, YaraRules, MAX_RULES_FILE};
+use crate::yara_watch::{clean_hits, yara_pass, MAX_KNOWN_HITS};
 
 const PAGE: u64 = 4096;
 /// Matches a watch remembers (to tell new ones from old); beyond, new
@@ -35,6 +37,10 @@ pub const MAX_KNOWN: usize = 100_000;
 pub const MAX_PATTERNS: usize = 256;
 /// Matches one pass or scan lists at most.
 pub const MAX_LISTED: usize = 10_000;
+/// Longest idle time a watch may ask for (two days).
+pub const MAX_WATCH_IDLE_S: u64 = 2 * 86_400;
+/// Longest name a request may give its rules (it is repeated in messages).
+pub const MAX_RULES_ORIGIN: usize = 256;
 
 /// What to look for in a live scan or watch (the body of `PUT /vm/scan` and
 /// `PUT /vm/scan/watch`).
@@ -47,17 +53,77 @@ pub struct ScanRequest {
     /// Hex byte patterns (`"deadbeef"`, `"0xde ad"`).
     #[serde(default)]
     pub hex: Vec<String>,
+    /// YARA rules as source text (what a `.yar` file holds), instead of `strings`/`hex`:
+    /// the client sends the text, so the VMM never opens a file a client names.
+    #[serde(default)]
+    pub rules: Option<String>,
+    /// A name for `rules` in messages (the CLI sends the file's name).
+    #[serde(default)]
+    pub rules_origin: Option<String>,
     /// Name virtual addresses through this vCPU's page tables (read during a short pause).
     #[serde(default)]
     pub vcpu: Option<usize>,
     /// Matches listed (all are counted); default and maximum [`MAX_LISTED`].
     #[serde(default)]
     pub max_matches: Option<usize>,
+    /// A watch: end it after this many seconds without a pass (1..=[`MAX_WATCH_IDLE_S`];
+    /// default the VMM's). A client that passes every 10 minutes asks for more than that.
+    #[serde(default)]
+    pub idle_s: Option<u64>,
+}
+
+/// What a live scan or watch looks for: literal patterns or YARA rules.
+pub enum LiveMatcher {
+    /// `strings` and `hex`.
+    Literals(Literals),
+    /// `rules`, compiled.
+    Yara(Box<YaraRules>),
+}
+
+impl LiveMatcher {
+    /// Whether it matches all-zero memory (then every free page matches, and a watch is refused).
+    pub fn matches_zeros(&self) -> bool {
+        match self {
+            LiveMatcher::Literals(m) => m.matches_zeros(),
+            LiveMatcher::Yara(r) => r.matches_zeros(),
+        }
+    }
+
+    /// One scan of all of `mem`.
+    pub fn scan(&self, mem: &mut dyn crate::PhysMem, opts: &ScanOptions) -> crate::Result<ScanReport> {
+        match self {
+            LiveMatcher::Literals(m) => scan(mem, m, opts),
+            LiveMatcher::Yara(r) => scan_yara(mem, r, opts, &mut |_, _| {}),
+        }
+    }
 }
 
 impl ScanRequest {
-    /// The matcher for the request's patterns; errors name the bad pattern.
-    pub fn matcher(&self) -> crate::Result<Literals> {
+    /// The matcher for the request: its rules, compiled, or its patterns; errors name the
+    /// bad pattern or rule (file, line).
+    pub fn matcher(&self) -> crate::Result<LiveMatcher> {
+        let Some(src) = &self.rules else { return self.literals().map(LiveMatcher::Literals) };
+        let refuse = |reason: String| crate::Error::BadPattern { pattern: String::new(), reason };
+        if !self.strings.is_empty() || !self.hex.is_empty() {
+            return Err(refuse("give YARA rules or strings/hex patterns, not both".into()));
+        }
+        if src.len() as u64 > MAX_RULES_FILE {
+            return Err(refuse(format!("rules of {} bytes, more than the {MAX_RULES_FILE} allowed", src.len())));
+        }
+        let origin = match &self.rules_origin {
+            Some(o) if o.len() > MAX_RULES_ORIGIN || o.chars().any(char::is_control) => {
+                return Err(refuse(format!(
+                    "rules_origin must be at most {MAX_RULES_ORIGIN} bytes without control characters"
+                )))
+            }
+            Some(o) => o.as_str(),
+            None => "rules",
+        };
+        Ok(LiveMatcher::Yara(Box::new(YaraRules::compile(src, origin)?)))
+    }
+
+    /// The literal patterns of the request.
+    fn literals(&self) -> crate::Result<Literals> {
         if self.strings.len() + self.hex.len() > MAX_PATTERNS {
             return Err(crate::Error::BadPattern {
                 pattern: String::new(),
@@ -90,7 +156,7 @@ pub enum WatchError {
         max: usize,
     },
     /// No watch has this id (never made, ended, or expired).
-    #[error("no watch {id}: it never existed, was ended, or expired after {idle_s} s without a pass")]
+    #[error("no watch {id}: it never existed, was ended, or expired after {idle_s} s without a pass (see idle_s)")]
     NoSuchWatch {
         /// The id asked for.
         id: u64,
@@ -129,6 +195,9 @@ impl WatchError {
 /// A match a pass reports as new.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct WatchMatch {
+    /// The YARA rule whose pattern matched (absent for strings and hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
     /// The pattern's name.
     pub pattern: String,
     /// Physical address of the first byte.
@@ -172,6 +241,16 @@ pub struct PassReport {
     pub known_matches: u64,
     /// The page tables used for virtual addresses, if any.
     pub paging: Option<PagingContext>,
+    /// YARA: the rules whose condition holds over all of memory after this pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matching_rules: Option<Vec<String>>,
+    /// YARA: rules that hold now and did not after the previous pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_rules: Option<Vec<String>>,
+    /// YARA: known pattern matches in pages not written since, re-read so that conditions
+    /// see all of memory (0 on a full pass).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refed_matches: Option<u64>,
 }
 
 /// A watch as listed or ended.
@@ -185,13 +264,21 @@ pub struct WatchInfo {
     pub known_matches: u64,
     /// Seconds since its last pass.
     pub idle_s: f64,
+    /// It ends after this many seconds without a pass.
+    pub expires_after_s: u64,
 }
 
 /// One watch's state.
 struct Watch {
     id: u64,
     view: DirtyView,
-    matcher: Literals,
+    matcher: LiveMatcher,
+    /// YARA: every pattern match known over all of memory (address, length), to re-feed.
+    hits: BTreeSet<(u64, u64)>,
+    /// YARA: more matches than [`MAX_KNOWN_HITS`]; passes scan all of memory.
+    hits_overflow: bool,
+    /// YARA: the rules that held after the previous pass.
+    rules_held: BTreeSet<String>,
     mem: LiveMem,
     vcpu: Option<usize>,
     paging: Option<PagingContext>,
@@ -200,6 +287,8 @@ struct Watch {
     /// (address, pattern, length) of the matches seen and not rewritten since.
     known: BTreeSet<(u64, String, u64)>,
     last_poll: Instant,
+    /// Ended after this long without a pass.
+    idle: Duration,
 }
 
 fn unix_ms() -> u64 {
@@ -232,35 +321,88 @@ pub fn dirty_extents(regions: &[(u64, u64)], bits: &[Bitmap]) -> Vec<(u64, u64)>
 }
 
 /// Whether `pa..pa+len` touches one of the sorted, disjoint `extents`.
-fn touches(extents: &[(u64, u64)], pa: u64, len: u64) -> bool {
+pub(crate) fn touches(extents: &[(u64, u64)], pa: u64, len: u64) -> bool {
     let end = pa.saturating_add(len.max(1));
     let i = extents.partition_point(|&(s, l)| s + l <= pa);
     extents.get(i).is_some_and(|&(s, _)| s < end)
 }
 
+/// What a pass's scan found, before the watch tells new from known.
+struct Found {
+    /// Reportable matches in what was scanned (all of memory when `complete`).
+    matches: Vec<Match>,
+    /// Whether `matches` covers all of memory (YARA passes), not only the scanned pages.
+    complete: bool,
+    /// Bytes read.
+    bytes_scanned: u64,
+    /// YARA: rules holding, and known matches re-read.
+    rules: Option<(Vec<String>, u64)>,
+}
+
+/// A match's identity in a watch: (address, `rule:$pattern` or pattern, length).
+fn key(m: &Match) -> (u64, String, u64) {
+    let name = match &m.rule {
+        Some(r) => format!("{r}:{}", m.pattern),
+        None => m.pattern.clone(),
+    };
+    (m.pa, name, m.len)
+}
+
 impl Watch {
-    /// Runs the next pass: all of RAM the first time, the dirty pages after.
+    /// Scans `extents` (the dirty pages, or all of RAM when `full`).
+    fn find(&mut self, extents: &[(u64, u64)], full: bool) -> crate::Result<Found> {
+        let mut mem = self.mem.with_extents(extents.to_vec());
+        match &self.matcher {
+            LiveMatcher::Literals(m) => {
+                let opts = ScanOptions { max_matches: MAX_KNOWN, paging: self.paging, ..ScanOptions::default() };
+                let r = scan(&mut mem, m, &opts)?;
+                Ok(Found { matches: r.matches, complete: full, bytes_scanned: r.bytes_scanned, rules: None })
+            }
+            LiveMatcher::Yara(rules) => {
+                let refeed = if full { Vec::new() } else { clean_hits(&self.hits, extents) };
+                let p = yara_pass(&mut mem, rules, ScanOptions::default().threads, &refeed)?;
+                self.hits_overflow = p.hits.len() > MAX_KNOWN_HITS;
+                self.hits =
+                    if self.hits_overflow { BTreeSet::new() } else { p.hits.iter().map(|h| (h.pa, h.len)).collect() };
+                let matches = p
+                    .hits
+                    .into_iter()
+                    .filter(|h| h.rule_matched && !h.private)
+                    .map(|h| Match { rule: Some(h.rule), pattern: h.pattern, pa: h.pa, len: h.len, va: vec![] })
+                    .collect();
+                Ok(Found {
+                    matches,
+                    complete: true,
+                    bytes_scanned: p.bytes_scanned,
+                    rules: Some((p.matching_rules, refeed.len() as u64)),
+                })
+            }
+        }
+    }
+
+    /// Runs the next pass: all of RAM the first time (and, for YARA rules
+    /// with too many matches to re-feed, every time), the dirty pages after.
     fn pass(&mut self, paging: Option<PagingContext>) -> Result<PassReport, WatchError> {
         let t0 = Instant::now();
         let time_unix_ms = unix_ms();
         if paging.is_some() {
             self.paging = paging;
         }
-        let full = self.passes == 0;
+        let first = self.passes == 0;
+        let full = first || self.hits_overflow;
         let regions: Vec<(u64, u64)> = crate::PhysMem::ranges(&self.mem).iter().map(|r| (r.start, r.len)).collect();
         let ram_bytes: u64 = regions.iter().map(|r| r.1).sum();
-        let (bits, extents) = if full {
+        let (bits, dirty) = if first {
             (None, regions.clone())
         } else {
             let bits = self.view.take()?;
             let ext = dirty_extents(&regions, &bits);
             (Some(bits), ext)
         };
-        let dirty_pages = extents.iter().map(|e| e.1 / PAGE).sum();
-        let mut mem = self.mem.with_extents(extents.clone());
-        let opts = ScanOptions { max_matches: MAX_KNOWN, paging: self.paging, ..ScanOptions::default() };
-        let report = match scan(&mut mem, &self.matcher, &opts) {
-            Ok(r) => r,
+        let dirty_pages = dirty.iter().map(|e| e.1 / PAGE).sum();
+        let scanned = if full { regions.clone() } else { dirty.clone() };
+        let found = match self.find(&scanned, full) {
+            Ok(f) => f,
             Err(e) => {
                 // The next pass must still look at these pages.
                 if let Some(b) = &bits {
@@ -270,36 +412,55 @@ impl Watch {
             }
         };
         self.passes += 1;
-        if !full {
+        let current: BTreeSet<(u64, String, u64)> = found.matches.iter().map(key).collect();
+        if found.complete {
+            // Everything the watch knows is in `current` if it is still there.
+            self.known.retain(|k| current.contains(k));
+        } else if !full {
             // A known match in a rewritten page that is not there any more is
             // forgotten (if it comes back, it is new again); one still there stays known.
-            let found: BTreeSet<(u64, &str, u64)> =
-                report.matches.iter().map(|m| (m.pa, m.pattern.as_str(), m.len)).collect();
-            self.known
-                .retain(|(pa, name, len)| !touches(&extents, *pa, *len) || found.contains(&(*pa, name.as_str(), *len)));
+            self.known.retain(|k| !touches(&dirty, k.0, k.2) || current.contains(k));
         }
-        let mut new_matches = Vec::new();
+        let mut fresh = Vec::new();
         let mut new_total = 0u64;
-        for m in report.matches {
-            let key = (m.pa, m.pattern.clone(), m.len);
-            if self.known.contains(&key) {
+        for m in found.matches {
+            let k = key(&m);
+            if self.known.contains(&k) {
                 continue;
             }
             new_total += 1;
             if self.known.len() < MAX_KNOWN {
-                self.known.insert(key);
+                self.known.insert(k);
             }
-            if new_matches.len() < self.listed {
-                new_matches.push(WatchMatch {
-                    pattern: m.pattern,
-                    pa: m.pa,
-                    len: m.len,
-                    va: m.va,
-                    pass: self.passes,
-                    time_unix_ms,
-                });
+            if fresh.len() < self.listed {
+                fresh.push(m);
             }
         }
+        if found.rules.is_some() && self.paging.is_some() {
+            // YARA matches come without virtual addresses: name them for the listed ones only.
+            let mut mem = self.mem.clone();
+            fresh = with_virtual_addresses(&mut mem, self.paging.as_ref(), fresh)?;
+        }
+        let new_matches = fresh
+            .into_iter()
+            .map(|m| WatchMatch {
+                rule: m.rule,
+                pattern: m.pattern,
+                pa: m.pa,
+                len: m.len,
+                va: m.va,
+                pass: self.passes,
+                time_unix_ms,
+            })
+            .collect();
+        let (matching_rules, new_rules, refed_matches) = match found.rules {
+            Some((now, refed)) => {
+                let new_rules: Vec<String> = now.iter().filter(|r| !self.rules_held.contains(*r)).cloned().collect();
+                self.rules_held = now.iter().cloned().collect();
+                (Some(now), Some(new_rules), Some(refed))
+            }
+            None => (None, None, None),
+        };
         self.last_poll = Instant::now();
         Ok(PassReport {
             watch: self.id,
@@ -307,14 +468,17 @@ impl Watch {
             full,
             time_unix_ms,
             dirty_pages,
-            pages_scanned: report.bytes_scanned.div_ceil(PAGE),
-            bytes_scanned: report.bytes_scanned,
+            pages_scanned: found.bytes_scanned.div_ceil(PAGE),
+            bytes_scanned: found.bytes_scanned,
             ram_bytes,
             scan_ms: t0.elapsed().as_secs_f64() * 1e3,
             new_matches,
             new_total,
             known_matches: self.known.len() as u64,
             paging: self.paging,
+            matching_rules,
+            new_rules,
+            refed_matches,
         })
     }
 
@@ -324,6 +488,7 @@ impl Watch {
             passes: self.passes,
             known_matches: self.known.len() as u64,
             idle_s: self.last_poll.elapsed().as_secs_f64(),
+            expires_after_s: self.idle.as_secs(),
         }
     }
 }
@@ -338,32 +503,61 @@ pub struct Watches {
 struct Inner {
     next_id: u64,
     map: BTreeMap<u64, Arc<Mutex<Watch>>>,
+    /// The last watches that expired, with their idle limits (bounded).
+    expired: BTreeMap<u64, u64>,
 }
 
 impl Watches {
     /// At most `max` watches at once; one without a pass for `idle` is ended.
     pub fn new(max: usize, idle: Duration) -> Self {
-        Watches { inner: Mutex::new(Inner { next_id: 1, map: BTreeMap::new() }), max, idle }
+        Watches { inner: Mutex::new(Inner { next_id: 1, map: BTreeMap::new(), expired: BTreeMap::new() }), max, idle }
     }
 
-    /// Ends watches idle for too long (not those running a pass now).
+    /// Ends watches idle for too long (not those running a pass now), and
+    /// remembers how long each ended one had been allowed (for the 404).
     fn expire(&self, inner: &mut Inner) {
-        let idle = self.idle;
-        inner.map.retain(|_, w| match w.try_lock() {
-            Ok(w) => w.last_poll.elapsed() < idle,
+        let mut ended = Vec::new();
+        inner.map.retain(|&id, w| match w.try_lock() {
+            Ok(w) if w.last_poll.elapsed() < w.idle => true,
+            Ok(w) => {
+                ended.push((id, w.idle.as_secs()));
+                false
+            }
             Err(_) => true,
         });
+        for (id, idle_s) in ended {
+            if inner.expired.len() >= 64 {
+                inner.expired.pop_first();
+            }
+            inner.expired.insert(id, idle_s);
+        }
+    }
+
+    /// The 404 for `id`, naming the idle time it had if it expired.
+    fn no_such(&self, inner: &Inner, id: u64) -> WatchError {
+        WatchError::NoSuchWatch { id, idle_s: inner.expired.get(&id).copied().unwrap_or(self.idle.as_secs()) }
     }
 
     /// Starts a watch on `vm` and runs its first (full) pass; `paging` names
     /// virtual addresses (from `req.vcpu`'s registers, read by the caller).
-    pub fn create(&self, vm: &Vm, req: &ScanRequest, paging: Option<PagingContext>) -> Result<PassReport, WatchError> {
-        let matcher = req.matcher()?;
+    /// `matcher` is `req.matcher()`, made by the caller before it paused for registers.
+    pub fn create(
+        &self,
+        vm: &Vm,
+        req: &ScanRequest,
+        matcher: LiveMatcher,
+        paging: Option<PagingContext>,
+    ) -> Result<PassReport, WatchError> {
         if matcher.matches_zeros() {
             return Err(WatchError::Request(
-                "a pattern of only zero bytes matches all of free memory; it cannot be watched".into(),
+                "a pattern that matches zero bytes matches all of free memory; it cannot be watched".into(),
             ));
         }
+        let idle = match req.idle_s {
+            None => self.idle,
+            Some(s) if (1..=MAX_WATCH_IDLE_S).contains(&s) => Duration::from_secs(s),
+            Some(s) => return Err(WatchError::Request(format!("idle_s {s} must be 1..={MAX_WATCH_IDLE_S}"))),
+        };
         let watch = {
             let mut inner = self.inner.lock().unwrap();
             self.expire(&mut inner);
@@ -378,6 +572,9 @@ impl Watches {
                 id,
                 view,
                 matcher,
+                hits: BTreeSet::new(),
+                hits_overflow: false,
+                rules_held: BTreeSet::new(),
                 mem: LiveMem::new(vm.ram().clone()),
                 vcpu: req.vcpu,
                 paging,
@@ -385,6 +582,7 @@ impl Watches {
                 passes: 0,
                 known: BTreeSet::new(),
                 last_poll: Instant::now(),
+                idle,
             }));
             inner.map.insert(id, w.clone());
             w
@@ -400,7 +598,7 @@ impl Watches {
     fn get(&self, id: u64) -> Result<Arc<Mutex<Watch>>, WatchError> {
         let mut inner = self.inner.lock().unwrap();
         self.expire(&mut inner);
-        inner.map.get(&id).cloned().ok_or(WatchError::NoSuchWatch { id, idle_s: self.idle.as_secs() })
+        inner.map.get(&id).cloned().ok_or_else(|| self.no_such(&inner, id))
     }
 
     /// The vCPU whose page tables watch `id` names virtual addresses with.
@@ -423,7 +621,7 @@ impl Watches {
     pub fn remove(&self, id: u64) -> Result<WatchInfo, WatchError> {
         let mut inner = self.inner.lock().unwrap();
         self.expire(&mut inner);
-        let w = inner.map.remove(&id).ok_or(WatchError::NoSuchWatch { id, idle_s: self.idle.as_secs() })?;
+        let Some(w) = inner.map.remove(&id) else { return Err(self.no_such(&inner, id)) };
         drop(inner);
         let info = w.lock().unwrap().info();
         Ok(info)
@@ -466,12 +664,12 @@ mod tests {
     #[test]
     fn hits_per_block_are_bounded_for_patterns_matching_everywhere() {
         // What the API fuzzer sent: 256 one-byte zero patterns over zero memory.
-        use crate::{scan, BufMem, ScanOptions};
+        use crate::{BufMem, ScanOptions};
         let req = super::ScanRequest { hex: vec!["00".into(); 256], ..Default::default() };
         let m = req.matcher().unwrap();
         let mut mem = BufMem::flat(vec![0u8; 16 << 20]);
         let opts = ScanOptions { max_matches: 10, threads: 1, ..ScanOptions::default() };
-        let r = scan(&mut mem, &m, &opts).unwrap();
+        let r = m.scan(&mut mem, &opts).unwrap();
         assert!(r.truncated);
         assert_eq!(r.matches.len(), 10);
         let blocks = (16u64 << 20).div_ceil(r.block_size);

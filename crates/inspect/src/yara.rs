@@ -128,6 +128,26 @@ impl YaraRules {
     pub fn rule_count(&self) -> usize {
         self.rule_count
     }
+
+    /// Where the rules came from (a file name), for messages.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Patterns in the set.
+    pub fn pattern_count(&self) -> usize {
+        self.pattern_count
+    }
+
+    /// The compiled rules, for the block scanners of this crate.
+    pub(crate) fn compiled(&self) -> &yara_x::Rules {
+        &self.rules
+    }
+
+    /// Whether a pattern looks at word edges (`fullword`, `\b`), so block edges must move.
+    pub(crate) fn word_edges(&self) -> bool {
+        self.word_edges
+    }
 }
 
 /// Compiles with yara-x: includes off (one file is scanned as given), errors as yara-x words them.
@@ -414,7 +434,7 @@ pub fn scan_yara(
 }
 
 /// `namespace:rule`, or just `rule` in the default namespace.
-fn qualified(r: &yara_x::Rule) -> String {
+pub(crate) fn qualified(r: &yara_x::Rule) -> String {
     match r.namespace() {
         "default" | "" => r.identifier().to_string(),
         ns => format!("{ns}:{}", r.identifier()),
