@@ -27,9 +27,15 @@ struct Mounted {
 impl Mounted {
     /// Mounts `img` on `dir` and waits (bounded) until its files appear.
     fn start(img: &Path, dir: &Path) -> Mounted {
+        Self::start_with(img, dir, &[])
+    }
+
+    /// The same with extra flags (`--key-file K`).
+    fn start_with(img: &Path, dir: &Path, extra: &[&str]) -> Mounted {
         std::fs::create_dir_all(dir).unwrap();
         let mut child = Command::new(ferry())
             .args(["image", "mount", s(img), s(dir), "--json"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -115,11 +121,18 @@ fn ok(args: &[&str]) -> std::process::Output {
 
 /// `ferry image export` of `img` in all three formats, into `dir`: (mount file name, exported bytes).
 fn exports(img: &Path, dir: &Path) -> Vec<(&'static str, Vec<u8>)> {
+    exports_with(img, dir, &[])
+}
+
+/// The same with extra flags (`--key-file K`).
+fn exports_with(img: &Path, dir: &Path, extra: &[&str]) -> Vec<(&'static str, Vec<u8>)> {
     [("pmem", "raw"), ("core.elf", "elf"), ("mem.lime", "lime")]
         .into_iter()
         .map(|(name, fmt)| {
             let out = dir.join(format!("export.{fmt}"));
-            ok(&["image", "export", s(img), "--format", fmt, "--out", s(&out)]);
+            let mut args = vec!["image", "export", s(img), "--format", fmt, "--out", s(&out)];
+            args.extend_from_slice(extra);
+            ok(&args);
             let b = std::fs::read(&out).unwrap();
             std::fs::remove_file(&out).unwrap();
             (name, b)
@@ -152,7 +165,12 @@ fn seek(f: &std::fs::File, off: u64, whence: i32) -> Result<u64, i32> {
 
 /// Checks every mounted file against the exports and the image's registers.
 fn check_mount(m: &Mounted, img: &Path, work: &Path, chain_len: usize) {
-    for (name, want) in exports(img, work) {
+    check_mount_with(m, img, work, chain_len, &[])
+}
+
+/// The same, reading the image with extra flags (`--key-file K`).
+fn check_mount_with(m: &Mounted, img: &Path, work: &Path, chain_len: usize, extra: &[&str]) {
+    for (name, want) in exports_with(img, work, extra) {
         let got = std::fs::read(m.path(name)).unwrap();
         assert_eq!(got.len(), want.len(), "{name}: size");
         assert!(got == want, "{name}: bytes differ from the export");
@@ -197,7 +215,9 @@ fn check_mount(m: &Mounted, img: &Path, work: &Path, chain_len: usize) {
         }
     }
     // Registers: the same as `ferry image inspect --json` says.
-    let inspect: Value = serde_json::from_slice(&ok(&["image", "inspect", s(img), "--json"]).stdout).unwrap();
+    let mut args = vec!["image", "inspect", s(img), "--json"];
+    args.extend_from_slice(extra);
+    let inspect: Value = serde_json::from_slice(&ok(&args).stdout).unwrap();
     let regs: Value = serde_json::from_slice(&std::fs::read(m.path("vcpu/0/regs.json")).unwrap()).unwrap();
     assert_eq!(regs["rip"], inspect["vcpus"][0]["rip"]);
     assert_eq!(regs["cr3"], inspect["vcpus"][0]["cr3"]);
@@ -346,4 +366,45 @@ fn bad_mount_arguments_fail_clearly_without_mounting() {
     // The image is checked before the mount point; a bad mount point with a good image is
     // covered by the library (MountPoint error). Nothing was mounted.
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+}
+
+#[test]
+fn an_encrypted_chain_mounts_with_its_key_and_is_refused_without_it() {
+    if !fuse_available() {
+        return;
+    }
+    let (g, sock) = running_guest("dirty wss=4 rate=max report=200 fill=random", "64M");
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("key");
+    std::fs::write(&key, b"mount me, and nobody else").unwrap();
+    let k = ["--key-file", s(&key)];
+    let full = work.path().join("full.img");
+    let incr = work.path().join("incr.img");
+    snapshot_ok(&sock, &full, &["--encrypt", "--key-file", s(&key)]);
+    snapshot_ok(&sock, &incr, &["--parent", s(&full), "--encrypt", "--key-file", s(&key)]);
+    drop(g);
+    // With the key: the same bytes as the exports, through the decrypted, verified chunks.
+    let mut m = Mounted::start_with(&incr, &work.path().join("mnt"), &k);
+    check_mount_with(&m, &incr, work.path(), 2, &k);
+    let st = Command::new("fusermount3").args(["-u", "--"]).arg(&m.dir).status().unwrap();
+    assert!(st.success(), "fusermount3 -u: {st}");
+    let (st, _, report) = m.wait_exit(secs(10));
+    assert!(st.success(), "{st}: {:?}", m.stderr_lines());
+    assert_eq!(report["reads"]["failed_reads"], 0, "{report}");
+    drop(m);
+    // Without the key, or with another: a clear error and no mount, before anything is shown.
+    let wrong = work.path().join("wrong.key");
+    std::fs::write(&wrong, b"not the key").unwrap();
+    for (extra, want) in [(vec![], "key"), (vec!["--key-file", s(&wrong)], "key")] {
+        let dir = work.path().join("refused");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut args = vec!["image", "mount", s(&incr), s(&dir)];
+        args.extend_from_slice(&extra);
+        let o = ferry_cmd(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "mounted with {extra:?}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.to_lowercase().contains(want), "{extra:?}: {err}");
+        assert!(!dir.join("info.json").exists(), "nothing mounted with {extra:?}");
+    }
 }
