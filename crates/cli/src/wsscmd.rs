@@ -24,6 +24,13 @@ pub struct WssArgs {
     /// How long to sample: up to 10m.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: u64,
+    /// Track one page in N (a power of two; 1 = every page, exact). Sampling
+    /// keeps the cost to a fast-writing guest small; counts are scaled by N.
+    #[arg(long, value_name = "N", default_value_t = wss::DEFAULT_SAMPLE_ONE_IN)]
+    sample: u64,
+    /// Track every page (the same as `--sample 1`).
+    #[arg(long, conflicts_with = "sample")]
+    exact: bool,
     /// Forecast a pre-copy migration at this rate (as `ferry migrate
     /// --max-bandwidth`: K, M, G bytes/s, 1024-based; kbit, mbit, gbit bits/s).
     #[arg(long, value_name = "RATE")]
@@ -66,7 +73,8 @@ fn parse_duration(s: &str) -> Result<u64, String> {
 
 /// Runs `ferry wss`.
 pub fn run(a: WssArgs) -> Result<u8> {
-    let req = WssRequest { interval_ms: a.interval, duration_ms: a.duration };
+    let sample_one_in = if a.exact { 1 } else { a.sample };
+    let req = WssRequest { interval_ms: a.interval, duration_ms: a.duration, sample_one_in };
     req.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     let body = serde_json::to_value(&req)?;
     let started: WssStarted =
@@ -159,6 +167,12 @@ fn print_human(out: &WssOutcome) {
         "{n} intervals of {} ms ({end}); RAM {} pages, {} populated ({} zero)",
         r.interval_ms, r.ram_pages, r.populated_pages, r.zero_pages
     );
+    if r.sample_one_in > 1 {
+        println!(
+            "tracked one page in {} (counts are that sample's, times {}: estimates; --exact tracks every page)",
+            r.sample_one_in, r.sample_one_in
+        );
+    }
     if n > 0 {
         let pages: Vec<u64> = r.samples.iter().map(|s| s.pages).collect();
         let mean = pages.iter().sum::<u64>() as f64 / n as f64;

@@ -43,7 +43,7 @@ fn window(report: &serde_json::Value, min_ms: f64) -> Vec<f64> {
 #[test]
 fn working_set_of_an_idle_and_of_a_dirtying_guest_with_csv_and_svg() {
     let (_idle, isock) = running_guest("idle report=1000", "64M");
-    let v = wss_json(&isock, &["--interval", "100ms", "--duration", "2s"]);
+    let v = wss_json(&isock, &["--interval", "100ms", "--duration", "2s", "--exact"]);
     let r = &v["report"];
     assert_eq!(r["end"], "completed", "{r}");
     assert_eq!(r["samples"].as_array().unwrap().len(), 20, "{r}");
@@ -56,8 +56,19 @@ fn working_set_of_an_idle_and_of_a_dirtying_guest_with_csv_and_svg() {
     let (csv, svg) = (g.path("wss.csv"), g.path("wss.svg"));
     let v = wss_json(
         &sock,
-        &["--interval", "100ms", "--duration", "4s", "--csv", csv.to_str().unwrap(), "--plot", svg.to_str().unwrap()],
+        &[
+            "--interval",
+            "100ms",
+            "--duration",
+            "4s",
+            "--exact",
+            "--csv",
+            csv.to_str().unwrap(),
+            "--plot",
+            svg.to_str().unwrap(),
+        ],
     );
+    assert_eq!(v["report"]["sample_one_in"], 1);
     let r = &v["report"];
     eprintln!("windows: {}", r["windows"]);
     // Windows that hold two whole passes over the 2,048 pages, whatever the rate was.
@@ -72,6 +83,14 @@ fn working_set_of_an_idle_and_of_a_dirtying_guest_with_csv_and_svg() {
     assert!(r["distinct_pages"].as_u64().unwrap() <= 2048 + 100, "{r}");
     let short = r["windows"][0]["mean_pages"].as_f64().unwrap();
     assert!(short > 100.0, "the guest dirties pages in every interval: {r}");
+    // Sampled (the default, one page in 64): the same working set, estimated from the pages
+    // of a fixed sample (so the estimate does not change from run to run), times 64.
+    let sv = wss_json(&sock, &["--interval", "100ms", "--duration", "4s"]);
+    let sr = &sv["report"];
+    assert_eq!(sr["sample_one_in"], 64, "{sr}");
+    let est = sr["distinct_pages"].as_u64().unwrap();
+    assert_eq!(est % 64, 0, "{sr}");
+    assert!((1024..=4096).contains(&est), "estimated working set {est} pages, about 2,048 expected: {sr}");
 
     let text = std::fs::read_to_string(&csv).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -120,6 +139,14 @@ fn bad_flags_bad_bodies_and_a_second_sampler() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("60000 samples") && err.contains("limit of 10000"), "{err}");
+    for n in ["3", "0", "8192"] {
+        let o = wss(nowhere, &["--sample", n]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "--sample {n}: {err}");
+        assert!(err.contains("power of two"), "--sample {n}: {err}");
+    }
+    let o = wss(nowhere, &["--sample", "4", "--exact"]);
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
 
     let (_g, sock) = running_guest("idle", "64M");
     for body in [
@@ -129,6 +156,7 @@ fn bad_flags_bad_bodies_and_a_second_sampler() {
         "nonsense",
         r#"{"interval_ms":0,"duration_ms":1000}"#,
         r#"{"interval_ms":100,"duration_ms":600001}"#,
+        r#"{"interval_ms":100,"duration_ms":1000,"sample_one_in":6}"#,
         r#"{"interval_ms":100,"duration_ms":50}"#,
         r#"{"interval_ms":"100ms","duration_ms":1000}"#,
         r#"{"interval_ms":100,"duration_ms":1000,"extra":1}"#,
@@ -178,7 +206,9 @@ fn a_sampler_beside_a_full_and_an_incremental_snapshot() {
     // 2,000 pages/s through 64 MiB: a page is rewritten only ~8 s later, so a
     // page the sampler read and the lineage lost would stay missing.
     let (g, sock) = running_guest("dirty wss=64 rate=2000 fill=random report=100", "256M");
-    let r = put(&sock, "/vm/wss", r#"{"interval_ms":50,"duration_ms":4000}"#);
+    // Sampled (the default): the lineage sees every page while only the sample is re-protected.
+    // Ten seconds, so that both snapshots end inside it on a loaded machine.
+    let r = put(&sock, "/vm/wss", r#"{"interval_ms":50,"duration_ms":10000}"#);
     assert!(r.starts_with("HTTP/1.1 202"), "{r}");
     let full = g.path("full.img");
     snapshot_ok(&sock, &full, &[]);
@@ -201,7 +231,7 @@ fn a_sampler_beside_a_full_and_an_incremental_snapshot() {
     let v = http_get(&sock, "/vm/wss");
     assert_eq!(v["state"], "done", "{v}");
     let rate: f64 =
-        v["report"]["samples"].as_array().unwrap().iter().map(|x| x["pages"].as_f64().unwrap()).sum::<f64>() / 4.0;
+        v["report"]["samples"].as_array().unwrap().iter().map(|x| x["pages"].as_f64().unwrap()).sum::<f64>() / 10.0;
     assert!((1000.0..4000.0).contains(&rate), "about 2,000 pages/s seen by the sampler, got {rate}");
 }
 

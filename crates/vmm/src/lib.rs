@@ -57,6 +57,14 @@ pub enum Error {
         /// Why it was refused.
         why: String,
     },
+    /// A dirty-log sampling ratio that is not a power of two in range.
+    #[error("invalid dirty-log sample: one page in {one_in}; must be a power of two from 1 to {max}")]
+    InvalidSample {
+        /// Requested ratio.
+        one_in: u64,
+        /// The largest allowed.
+        max: u64,
+    },
     /// vCPU count out of range.
     #[error("invalid vCPU count {count}: must be between 1 and {max}")]
     InvalidVcpuCount {

@@ -444,6 +444,14 @@ impl Vm {
         self.dirty.view(consumer)
     }
 
+    /// A view that sees a fixed sample of one page in `one_in` (a power of
+    /// two): it costs the guest a fault only on the sampled pages it writes,
+    /// so a sampler can read often without slowing a fast writer (see
+    /// [`crate::dirty`]). Without manual protection on the host it is exact.
+    pub fn sampled_dirty_view(&self, consumer: DirtyConsumer, one_in: u64) -> Result<DirtyView, Error> {
+        self.dirty.sampled_view(consumer, one_in)
+    }
+
     /// The snapshot lineage's view (made on first use): what changed since
     /// the last snapshot, or since the VM was built from a state.
     pub fn lineage_log(&self) -> Result<Arc<DirtyView>, Error> {
@@ -733,6 +741,8 @@ struct Parts {
     vm_fd: VmFd,
     ram: Arc<GuestRam>,
     log_dirty: bool,
+    /// Manual dirty-log protection is on (see [`crate::dirty`]).
+    manual_dirty: bool,
 }
 
 impl Parts {
@@ -748,6 +758,7 @@ impl Parts {
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm_fd.set_tss_address(layout::KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm_fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        let manual_dirty = crate::dirty::enable_manual_protect(&vm_fd);
         for (slot, r) in ram.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -767,7 +778,7 @@ impl Parts {
         vm_fd
             .create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        Ok(Parts { kvm, vm_fd, ram, log_dirty })
+        Ok(Parts { kvm, vm_fd, ram, log_dirty, manual_dirty })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -783,7 +794,7 @@ impl Parts {
         cmdline: String,
         per_vcpu: impl Fn(u32, &VcpuFd) -> Result<(), Error>,
     ) -> Result<Vm, Error> {
-        let Parts { kvm, vm_fd, ram, log_dirty } = self;
+        let Parts { kvm, vm_fd, ram, log_dirty, manual_dirty } = self;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
         let kbd_irq = EventFd::new(libc::EFD_NONBLOCK)?;
         vm_fd.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
@@ -818,7 +829,7 @@ impl Parts {
             exit: None,
         };
         let vm_fd = Arc::new(vm_fd);
-        let dirty = DirtyLog::new(vm_fd.clone(), ram.regions().to_vec(), log_dirty);
+        let dirty = DirtyLog::new(vm_fd.clone(), ram.regions().to_vec(), log_dirty, manual_dirty);
         // A VM built from a state tracks writes from its very first one, so
         // that its next snapshot can be incremental over that state's image.
         let lineage = if log_dirty { Some(Arc::new(dirty.view(DirtyConsumer::Lineage)?)) } else { None };

@@ -41,6 +41,10 @@ pub struct WssBenchArgs {
     /// Sampling interval (as `ferry wss --interval`).
     #[arg(long, default_value = "100ms")]
     pub(crate) interval: String,
+    /// Dirty-log samples to compare (as `ferry wss --sample N`; 1 = exact), comma-separated:
+    /// each gets its own alternating phases on the same guest.
+    #[arg(long, default_value = "1,64,256", value_delimiter = ',')]
+    pub(crate) samples: Vec<u64>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -51,6 +55,8 @@ pub struct WssBenchArgs {
 pub struct WssBenchLoad {
     /// The guest's workload words.
     pub load: String,
+    /// The sampler tracked one page in this many (1: exact).
+    pub sample_one_in: u64,
     /// Guest progress rate in each phase without sampling, pages/s.
     pub without: Vec<f64>,
     /// Same, with sampling.
@@ -87,9 +93,16 @@ pub fn wss_bench(a: WssBenchArgs) -> Result<u8> {
     for (i, load) in a.loads.iter().enumerate() {
         let sock = dir.path().join(format!("wss-{i}.sock"));
         let vm = FerryVm::boot_cmdline(&sock, a.mem, &format!("dirty {load} report=100"), Duration::from_secs(180))?;
-        let r = measure(&vm, load, &a);
+        for &n in &a.samples {
+            match measure(&vm, load, n, &a) {
+                Ok(r) => out.loads.push(r),
+                Err(e) => {
+                    let _ = vm.shutdown(Duration::from_secs(120));
+                    return Err(e);
+                }
+            }
+        }
         let _ = vm.shutdown(Duration::from_secs(120));
-        out.loads.push(r?);
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -99,7 +112,7 @@ pub fn wss_bench(a: WssBenchArgs) -> Result<u8> {
     Ok(0)
 }
 
-fn measure(vm: &FerryVm, load: &str, a: &WssBenchArgs) -> Result<WssBenchLoad> {
+fn measure(vm: &FerryVm, load: &str, sample: u64, a: &WssBenchArgs) -> Result<WssBenchLoad> {
     let phase = Duration::from_secs(a.phase_s.max(1));
     let (mut without, mut with) = (Vec::new(), Vec::new());
     let (mut per_interval, mut busy) = (0.0, 0.0);
@@ -110,7 +123,7 @@ fn measure(vm: &FerryVm, load: &str, a: &WssBenchArgs) -> Result<WssBenchLoad> {
         let t0 = Instant::now();
         let o = Command::new(ferry_exe()?)
             .args(["wss", "--api-sock", &vm.sock.to_string_lossy(), "--interval", &a.interval])
-            .args(["--duration", &format!("{}s", a.phase_s.max(1)), "--json"])
+            .args(["--duration", &format!("{}s", a.phase_s.max(1)), "--sample", &sample.to_string(), "--json"])
             .stdin(Stdio::null())
             .output()?;
         let t1 = Instant::now();
@@ -128,6 +141,7 @@ fn measure(vm: &FerryVm, load: &str, a: &WssBenchArgs) -> Result<WssBenchLoad> {
     let (mw, mo) = (median(&without), median(&with));
     Ok(WssBenchLoad {
         load: load.to_string(),
+        sample_one_in: sample,
         median_without: mw,
         median_with: mo,
         slowdown_percent: if mw > 0.0 { (1.0 - mo / mw) * 100.0 } else { 0.0 },
@@ -146,13 +160,20 @@ fn print(b: &WssBench) {
         b.phase_s
     );
     println!(
-        "{:<24} {:>16} {:>16} {:>10} {:>16} {:>14}",
-        "workload", "without (p/s)", "with (p/s)", "slowdown", "pages/interval", "sampler busy"
+        "{:<24} {:>7} {:>16} {:>16} {:>10} {:>16} {:>14}",
+        "workload", "sample", "without (p/s)", "with (p/s)", "slowdown", "pages/interval", "sampler busy"
     );
     for l in &b.loads {
         println!(
-            "{:<24} {:>16.0} {:>16.0} {:>9.1}% {:>16.0} {:>13.3}%",
-            l.load, l.median_without, l.median_with, l.slowdown_percent, l.pages_per_interval, l.sampler_busy_percent
+            "{:<24} {:>7} {:>16.0} {:>16.0} {:>9.1}% {:>16.0} {:>13.3}%",
+            l.load,
+            format!("1/{}", l.sample_one_in),
+            l.median_without,
+            l.median_with,
+            l.slowdown_percent,
+            l.pages_per_interval,
+            l.sampler_busy_percent
         );
     }
+    println!("(sample 1/N: the sampler tracked one page in N and scaled its counts by N; 1/1 is exact)");
 }

@@ -45,6 +45,7 @@ mod tests {
             distinct_pages: 3,
             sampler_busy_ms: 0.1,
             max_late_ms: 0.5,
+            sample_one_in: 1,
         };
         let csv = samples_csv(&r);
         let lines: Vec<&str> = csv.lines().collect();

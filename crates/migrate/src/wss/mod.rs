@@ -47,6 +47,23 @@ pub struct WssRequest {
     /// Length of the run, ms (at least one interval, at most
     /// [`MAX_DURATION_MS`] and [`MAX_SAMPLES`] intervals).
     pub duration_ms: u64,
+    /// Track one page in this many (a power of two, 1..=4096; 1 is exact).
+    /// Only sampled pages are re-protected after each read, so a sampler
+    /// costs a fast-writing guest that many times fewer write faults;
+    /// counts are scaled up by it. Default [`DEFAULT_SAMPLE_ONE_IN`].
+    #[serde(default = "default_sample")]
+    pub sample_one_in: u64,
+}
+
+/// The default dirty-log sample: one page in 64 (see [`WssRequest::sample_one_in`]).
+pub const DEFAULT_SAMPLE_ONE_IN: u64 = 64;
+
+fn default_sample() -> u64 {
+    DEFAULT_SAMPLE_ONE_IN
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl WssRequest {
@@ -66,6 +83,13 @@ impl WssRequest {
             return bad(format!(
                 "duration_ms {} is shorter than one interval ({} ms)",
                 self.duration_ms, self.interval_ms
+            ));
+        }
+        if !self.sample_one_in.is_power_of_two() || self.sample_one_in > ferry_vmm::dirty::MAX_SAMPLE_ONE_IN {
+            return bad(format!(
+                "sample_one_in {} must be a power of two from 1 (exact) to {}",
+                self.sample_one_in,
+                ferry_vmm::dirty::MAX_SAMPLE_ONE_IN
             ));
         }
         let samples = self.duration_ms / self.interval_ms;
@@ -146,6 +170,18 @@ pub struct WssWindow {
     pub min_pages: u64,
 }
 
+impl WssWindow {
+    /// The window's page counts times `n` (a sample of one page in `n`).
+    pub fn scaled(self, n: u64) -> Self {
+        WssWindow {
+            mean_pages: self.mean_pages * n as f64,
+            max_pages: self.max_pages * n,
+            min_pages: self.min_pages * n,
+            ..self
+        }
+    }
+}
+
 /// What a sampling run measured.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WssReport {
@@ -171,6 +207,10 @@ pub struct WssReport {
     pub sampler_busy_ms: f64,
     /// Latest an interval ended after its due time, ms.
     pub max_late_ms: f64,
+    /// Pages were tracked one in this many (1: exactly); every page count
+    /// above is the sample's count times this (an estimate when above 1).
+    #[serde(default = "one")]
+    pub sample_one_in: u64,
 }
 
 /// What `ferry wss` reports: the measurement and, with `--bandwidth`, the
@@ -224,7 +264,7 @@ mod tests {
 
     #[test]
     fn request_limits() {
-        let r = |interval_ms, duration_ms| WssRequest { interval_ms, duration_ms }.validate();
+        let r = |interval_ms, duration_ms| WssRequest { interval_ms, duration_ms, sample_one_in: 64 }.validate();
         assert_eq!(r(100, 10_000).unwrap(), 100);
         assert!(r(0, 1000).is_err());
         assert!(r(9, 1000).is_err());

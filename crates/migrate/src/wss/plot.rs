@@ -188,6 +188,7 @@ mod tests {
             distinct_pages: 2050,
             sampler_busy_ms: 1.0,
             max_late_ms: 0.5,
+            sample_one_in: 1,
         }
     }
 

@@ -219,6 +219,7 @@ mod tests {
             distinct_pages: wss,
             sampler_busy_ms: 0.0,
             max_late_ms: 0.0,
+            sample_one_in: 1,
         }
     }
 

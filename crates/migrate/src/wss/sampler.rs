@@ -95,7 +95,7 @@ pub fn start(vm: &Arc<Vm>, req: &WssRequest) -> Result<WssStarted, WssError> {
         return Err(WssError::Busy { id: *id, done: done.load(Ordering::Relaxed), planned: *planned });
     }
     // The view starts now, so the first interval counts from here.
-    let view = vm.dirty_view(DirtyConsumer::WorkingSet)?;
+    let view = vm.sampled_dirty_view(DirtyConsumer::WorkingSet, req.sample_one_in)?;
     let id = j.next_id;
     let done = Arc::new(AtomicU64::new(0));
     let (vm2, req2, done2) = (vm.clone(), req.clone(), done.clone());
@@ -164,6 +164,7 @@ fn run(
     let mut last = t0;
     let (mut busy_ms, mut max_late_ms) = (0.0f64, 0.0f64);
     let mut end = WssEnd::Completed;
+    let scale = view.sample_one_in();
     for i in 1..=planned {
         // Due times from the start, so lateness does not accumulate.
         let due = t0 + interval * i as u32;
@@ -183,7 +184,8 @@ fn run(
         };
         let len = ms(taken - last);
         last = taken;
-        let pages = count(&bits);
+        // The view holds only its sample: scale to an estimate of all pages.
+        let pages = count(&bits) * scale;
         windows.push(&bits, len);
         samples.push(WssSample {
             t_ms: ms(taken - t0),
@@ -222,9 +224,10 @@ fn run(
         populated_pages: populated,
         zero_pages: zero,
         samples,
-        windows: windows.report(),
-        distinct_pages: windows.distinct(),
+        windows: windows.report().into_iter().map(|w| w.scaled(scale)).collect(),
+        distinct_pages: windows.distinct() * scale,
         sampler_busy_ms: busy_ms,
         max_late_ms,
+        sample_one_in: scale,
     })
 }
