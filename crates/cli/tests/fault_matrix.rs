@@ -459,6 +459,24 @@ fn running_lost_is_settled_by_resume_without_running_the_guest_twice() {
 }
 
 #[test]
+fn running_lost_cannot_be_taken_back_the_migration_completes_instead() {
+    let case = "Running lost, take-back asked";
+    let (mut src, ssock) = source();
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+    let relay = Relay::start(&addr, Some(Phase::Running), Fault::Drop);
+    let o = migrate_through(&ssock, &relay);
+    source_in_doubt(&ssock, &o, case);
+    dst.wait_line("PROGRESS", secs(30));
+    // The destination got Go and runs the guest: taking it back would run it
+    // twice, so the settle completes the migration instead.
+    let o = settle(&ssock, &["--take-back"]);
+    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "completed", "{case}: {v}");
+    runs_at_destination_only(&mut src, &mut dst, &dsock, case);
+}
+
+#[test]
 fn the_source_killed_after_go_leaves_the_guest_running_at_the_destination() {
     let case = "source killed after Go";
     let (mut src, ssock) = source();
