@@ -544,3 +544,31 @@ fn a_commit_wait_that_expires_drops_the_never_run_copy_and_the_source_takes_it_b
     assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
     source_still_fine(&mut src, &ssock, case);
 }
+
+#[test]
+fn every_link_fault_after_go_is_settled_by_resume() {
+    for phase in [Phase::Go, Phase::Running] {
+        for fault in [Fault::Drop, Fault::Stall, Fault::Corrupt] {
+            let case = format!("{fault:?} at {phase:?}");
+            let (mut src, ssock) = source();
+            let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+            let relay = Relay::start(&addr, Some(phase), fault);
+            let o = migrate_through(&ssock, &relay);
+            assert!(relay.fired.try_recv().is_ok(), "{case}: the relay struck");
+            source_in_doubt(&ssock, &o, &case);
+            if phase == Phase::Go {
+                // Go was cut, held back or damaged: the destination never read an intact one.
+                destination_holding(&mut dst, &dsock, &case);
+            } else {
+                dst.wait_line("PROGRESS", secs(30));
+            }
+            // The settle goes over a new connection, which the relay leaves alone.
+            let o = settle(&ssock, &["--resume"]);
+            assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(v["state"], "completed", "{case}: {v}");
+            relay.ctl.cut();
+            runs_at_destination_only(&mut src, &mut dst, &dsock, &case);
+        }
+    }
+}
