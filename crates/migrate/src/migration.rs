@@ -14,6 +14,12 @@
 //! caller, [`crate::control::VmController`], restores the user's state). The
 //! destination never runs a guest without `Go`. After `Go` the source never
 //! resumes on its own, so the guest cannot run twice.
+//!
+//! If `Go` or `Running` is lost, the commit is in doubt: the source keeps
+//! the guest paused ([`MigrationState::CommitUnconfirmed`]), the destination
+//! keeps the loaded VM unrun for its commit wait, and [`settle_commit`] asks
+//! the destination over a new connection (`Settle`) whether it runs the
+//! guest, then sends `Go` again or takes the guest back.
 
 use std::io::Read;
 use std::path::PathBuf;
