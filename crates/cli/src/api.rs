@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::OnceLock;
 
-use ferry_migrate::migration::MigrateRequest;
+use ferry_migrate::migration::{IncomingHandle, MigrateRequest};
 use ferry_migrate::wss;
 use ferry_migrate::{Applied, ControlError, Fault, SnapshotRequest, VmController};
 use serde_json::json;
@@ -93,19 +93,23 @@ impl Drop for Active {
 pub struct Target {
     ctl: OnceLock<Arc<VmController>>,
     incoming: String,
+    /// The incoming migration's phase (`commit-unconfirmed` while a VM
+    /// whose `Go` did not arrive waits for a settle).
+    progress: IncomingHandle,
 }
 
 impl Target {
     /// A target that serves `ctl` from the start.
     pub fn vm(ctl: Arc<VmController>) -> Arc<Target> {
-        let t = Target { ctl: OnceLock::new(), incoming: String::new() };
+        let t = Target { ctl: OnceLock::new(), incoming: String::new(), progress: IncomingHandle::default() };
         let _ = t.ctl.set(ctl);
         Arc::new(t)
     }
 
-    /// A target waiting for an incoming migration on `listen`.
-    pub fn incoming(listen: String) -> Arc<Target> {
-        Arc::new(Target { ctl: OnceLock::new(), incoming: listen })
+    /// A target waiting for an incoming migration on `listen`, whose phase
+    /// `progress` tells.
+    pub fn incoming(listen: String, progress: IncomingHandle) -> Arc<Target> {
+        Arc::new(Target { ctl: OnceLock::new(), incoming: listen, progress })
     }
 
     /// Starts serving the VM that arrived.
@@ -123,7 +127,10 @@ impl Target {
 /// `incoming`, every other endpoint 409.
 fn route_incoming(t: &Target, req: &Request) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/vm") => Response::json(200, &json!({ "state": "incoming", "listen": t.incoming })),
+        ("GET", "/vm") => {
+            let migration = t.progress.lock().unwrap().clone();
+            Response::json(200, &json!({ "state": "incoming", "listen": t.incoming, "migration": migration }))
+        }
         (_, p) if ENDPOINTS.iter().any(|(e, _)| *e == p) || crate::liveapi::serves(p) => Response::error(
             409,
             format!("VM is incoming: waiting for a migration on {}; {p} is served once it arrives", t.incoming),
@@ -223,6 +230,7 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("/vm/migration", "GET"),
     ("/vm/migration/cancel", "PUT"),
     ("/vm/migration/resume", "PUT"),
+    ("/vm/migration/take-back", "PUT"),
     ("/vm/wss", "GET, PUT"),
 ];
 
@@ -343,6 +351,26 @@ pub fn route(ctl: &Arc<VmController>, req: &Request) -> Response {
             Ok(Ok(v)) => Response::json(200, &v),
             Ok(Err(e)) => control_error(e),
         },
+        ("PUT", "/vm/migration/take-back") => {
+            let body = match body_json(req) {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            if let Some(k) = body.as_object().and_then(|o| o.keys().find(|k| *k != "force")) {
+                return Response::error(400, format!("unknown field {k:?}; the only field is force"));
+            }
+            let force = match body.get("force") {
+                None => false,
+                Some(v) => match v.as_bool() {
+                    Some(f) => f,
+                    None => return Response::error(400, "force must be true or false"),
+                },
+            };
+            match ctl.take_back_migration(force) {
+                Ok(v) => Response::json(200, &v),
+                Err(e) => control_error(e),
+            }
+        }
         ("PUT", "/vm/wss") => {
             let req: wss::WssRequest = match serde_json::from_slice(&req.body) {
                 Ok(r) => r,

@@ -206,12 +206,25 @@ struct MigrateArgs {
     #[arg(long)]
     api_sock: PathBuf,
     /// Destination: tcp://HOST:PORT or unix://PATH.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long, required_unless_present_any = ["resume", "take_back"])]
     to: Option<String>,
     /// Finish a post-copy migration whose link was lost (state
-    /// postcopy-paused), over a new connection to the same destination.
-    #[arg(long, conflicts_with = "to")]
+    /// postcopy-paused), or settle a commit in doubt (state
+    /// commit-unconfirmed: the destination is asked whether it runs the
+    /// guest and made to run it if not), over a new connection to the same
+    /// destination.
+    #[arg(long, conflicts_with_all = ["to", "take_back"])]
     resume: bool,
+    /// Settle a commit in doubt (commit-unconfirmed) the other way: the
+    /// destination drops its copy if it never got Go, and the guest runs
+    /// here again (if the destination runs it, the migration completes).
+    #[arg(long, conflicts_with = "to")]
+    take_back: bool,
+    /// With --take-back: do not ask the destination, resume the guest here.
+    /// Only for a destination known to be gone without having run the
+    /// guest (it exited saying so); otherwise the guest may run twice.
+    #[arg(long, requires = "take_back")]
+    force: bool,
     /// Local migration (to a `ferry receive` on a unix socket of this host):
     /// hand guest RAM over as memfds instead of copying it, so the guest's
     /// stop does not grow with its memory (the VM must run with --memfd).
@@ -294,6 +307,12 @@ struct ReceiveArgs {
     /// How long the source may stall, ms.
     #[arg(long, default_value_t = 30_000)]
     peer_timeout_ms: u64,
+    /// If the link is lost after this side said Ready and before Go came,
+    /// hold the loaded VM (paused, never run) this many ms for the source
+    /// to settle the commit (`ferry migrate --resume` or `--take-back`);
+    /// then exit 1 without having run the guest.
+    #[arg(long, default_value_t = 60_000)]
+    commit_wait_ms: u64,
     /// Write the incoming figures and the run report as JSON here when the VM stops.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -443,8 +462,11 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
         Command::Scan(a) => livecmd::scan(a),
         Command::MigrateCancel(a) => print_json(api(&a.api_sock, "PUT", "/vm/migration/cancel", None)?),
         Command::Migrate(a) => {
-            // `--resume` finishes a paused post-copy; otherwise a new migration.
-            let body = if a.resume {
+            // `--resume` finishes a paused post-copy or settles a commit in
+            // doubt, `--take-back` settles it the other way; otherwise a new migration.
+            let body = if a.take_back {
+                Some(serde_json::json!({ "force": a.force }))
+            } else if a.resume {
                 None
             } else {
                 Some(serde_json::to_value(ferry_migrate::migration::MigrateRequest {
@@ -467,7 +489,11 @@ fn dispatch(cli: Cli, start: Instant) -> Result<u8> {
                     local: a.local,
                 })?)
             };
-            let path = if a.resume { "/vm/migration/resume" } else { "/vm/migrate" };
+            let path = match (a.resume, a.take_back) {
+                (_, true) => "/vm/migration/take-back",
+                (true, _) => "/vm/migration/resume",
+                _ => "/vm/migrate",
+            };
             let progress = progress_printer(a.api_sock.clone(), a.json);
             let v = api(&a.api_sock, "PUT", path, body);
             progress.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -747,7 +773,8 @@ fn receive(a: ReceiveArgs, start: Instant) -> Result<u8> {
     };
     let listener = Listener::bind(&listen, security)?;
     eprintln!("ferry: waiting for a migration on {}", listener.local_addr());
-    let target = api::Target::incoming(listener.local_addr().to_string());
+    let progress = ferry_migrate::migration::IncomingHandle::default();
+    let target = api::Target::incoming(listener.local_addr().to_string(), progress.clone());
     let server = api.map(|(l, server)| {
         api::serve(l, &server, target.clone());
         server
@@ -763,6 +790,8 @@ fn receive(a: ReceiveArgs, start: Instant) -> Result<u8> {
         serial_out: out,
         process_start: start,
         paused: a.paused,
+        commit_wait: Duration::from_millis(a.commit_wait_ms),
+        progress,
     };
     let got = ferry_migrate::migration::receive(&listener, opts).context("incoming migration")?;
     let s = got.stats.clone();
@@ -784,7 +813,14 @@ fn receive(a: ReceiveArgs, start: Instant) -> Result<u8> {
         static NEVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         std::thread::spawn(move || ferry_migrate::migration::serve_postcopy_resumes(&listener, &pc, &NEVER));
     } else {
-        drop(listener);
+        // Pre-copy: the source may not have heard Running; it can ask again
+        // (`ferry migrate --resume`) for as long as the guest runs here.
+        static NEVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let (id, vm_id, timeout) =
+            (s.migration_id.clone(), got.vm_id.clone(), Duration::from_millis(a.peer_timeout_ms));
+        std::thread::spawn(move || {
+            ferry_migrate::migration::serve_commit_settles(&listener, (&id, &vm_id), timeout, &NEVER)
+        });
     }
     let ctl = Arc::new(VmController::with_id(got.vm, None, memory_ready, got.vm_id));
     target.set(ctl.clone());

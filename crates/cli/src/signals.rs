@@ -105,7 +105,12 @@ pub fn spawn_shutdown_thread(blocked: Blocked, watched: Watched, timeout: Durati
             );
             let ctl = ctl.clone();
             let _ = std::thread::Builder::new().name("signal-stop".into()).spawn(move || {
-                ctl.shutdown_when_free(timeout, OPERATION_WAIT);
+                if !ctl.shutdown_when_free(timeout, OPERATION_WAIT) {
+                    // A guest whose migration commit is in doubt is kept on purpose.
+                    eprintln!(
+                        "ferry: the guest was not shut down (stopped, already shutting down, migrated, or its migration's commit is in doubt: see GET /vm/migration); send the signal again to stop it at once"
+                    );
+                }
             });
         } else {
             eprintln!("ferry: {} again: stopping the guest now", name(sig));

@@ -7,6 +7,11 @@
 //! asserts that the guest runs on exactly one side afterwards (for a killed
 //! source: on none, and nothing ran at the destination) with its memory
 //! intact (`verify`).
+//!
+//! After the source has written `Go` the guest is no longer the source's to
+//! resume: the last tests lose `Go` or `Running` on the way and check that
+//! the commit is settled (`ferry migrate --resume`, `--take-back`) with the
+//! guest running on exactly one side, never on two.
 
 mod common;
 use common::*;
@@ -23,9 +28,13 @@ const KIND_PAGES: u16 = 4;
 const KIND_ROUND_END: u16 = 6;
 const KIND_STATE: u16 = 7;
 const KIND_READY: u16 = 8;
+const KIND_GO: u16 = 9;
+const KIND_RUNNING: u16 = 10;
 /// Frames at most 16 MiB of payload (docs/migration-protocol.md).
 const MAX_PAYLOAD: usize = 16 << 20;
 const PEER_TIMEOUT_MS: &str = "3000";
+/// How long a destination holds a VM whose Go did not come, in the matrix.
+const COMMIT_WAIT_MS: &str = "3000";
 
 /// Where in a migration the fault strikes.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -40,6 +49,10 @@ enum Phase {
     StopAndCopy,
     /// The destination's Ready: it holds the whole VM and waits for Go.
     ReadyGo,
+    /// The source's Go: it has given the guest up.
+    Go,
+    /// The destination's Running: it runs the guest.
+    Running,
 }
 
 const PHASES: [Phase; 5] = [Phase::Setup, Phase::Round1, Phase::LaterRound, Phase::StopAndCopy, Phase::ReadyGo];
@@ -74,10 +87,13 @@ impl Control {
 }
 
 /// The relay: `fired` reports the phase's frame as it reaches the relay.
+/// The fault strikes on the first connection; later ones (a settle) are
+/// forwarded untouched to the current target.
 struct Relay {
     ctl: Arc<Control>,
     fired: Receiver<String>,
     path: PathBuf,
+    target: Arc<Mutex<String>>,
     _dir: tempfile::TempDir,
 }
 
@@ -88,22 +104,36 @@ impl Relay {
         let l = UnixListener::bind(&path).unwrap();
         let ctl = Arc::new(Control::default());
         let (tx, fired) = channel();
-        let (c, to) = (ctl.clone(), to.trim_start_matches("unix://").to_string());
+        let target = Arc::new(Mutex::new(to.trim_start_matches("unix://").to_string()));
+        let (c, t) = (ctl.clone(), target.clone());
         std::thread::spawn(move || {
-            let Ok((a, _)) = l.accept() else { return };
-            let Ok(b) = UnixStream::connect(&to) else { return };
-            c.socks.lock().unwrap().extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
-            let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-            let (c2, tx2) = (c.clone(), tx.clone());
-            let back = std::thread::spawn(move || pump(b2, a2, false, phase, fault, &c2, &tx2));
-            pump(a, b, true, phase, fault, &c, &tx);
-            let _ = back.join();
+            for n in 0..16 {
+                let Ok((a, _)) = l.accept() else { return };
+                let to = t.lock().unwrap().clone();
+                let Ok(b) = UnixStream::connect(&to) else { continue };
+                // Only the first connection meets the fault.
+                let (c, phase) = if n == 0 { (c.clone(), phase) } else { (Arc::new(Control::default()), None) };
+                c.socks.lock().unwrap().extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+                    let (c2, tx2) = (c.clone(), tx.clone());
+                    let back = std::thread::spawn(move || pump(b2, a2, false, phase, fault, &c2, &tx2));
+                    pump(a, b, true, phase, fault, &c, &tx);
+                    let _ = back.join();
+                });
+            }
         });
-        Relay { ctl, fired, path, _dir: dir }
+        Relay { ctl, fired, path, target, _dir: dir }
     }
 
     fn addr(&self) -> String {
         format!("unix://{}", self.path.display())
+    }
+
+    /// Later connections go to `to`.
+    fn retarget(&self, to: &str) {
+        *self.target.lock().unwrap() = to.trim_start_matches("unix://").to_string();
     }
 }
 
@@ -139,6 +169,8 @@ fn pump(
                 (Some(Phase::LaterRound), true) => kind == KIND_PAGES && round_ends >= 1,
                 (Some(Phase::StopAndCopy), true) => kind == KIND_STATE,
                 (Some(Phase::ReadyGo), false) => kind == KIND_READY,
+                (Some(Phase::Go), true) => kind == KIND_GO,
+                (Some(Phase::Running), false) => kind == KIND_RUNNING,
                 _ => false,
             };
         if kind == KIND_PAGES {
@@ -201,7 +233,8 @@ fn run_case(src: &mut Option<(Guest, PathBuf)>, phase: Phase, fault: Fault) {
     let case = format!("{fault:?} at {phase:?}");
     let (g, ssock) = src.get_or_insert_with(source);
     let ssock = ssock.clone();
-    let (mut dst, _d, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+    let (mut dst, _d, addr) =
+        receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS, "--commit-wait-ms", COMMIT_WAIT_MS]);
     let relay = Relay::start(&addr, Some(phase), fault);
     let (s, to) = (ssock.clone(), relay.addr());
     let mig = std::thread::spawn(move || migrate(&s, &to, &["--peer-timeout-ms", PEER_TIMEOUT_MS]));
@@ -305,4 +338,237 @@ fn link_stalled_past_the_peer_timeout_in_every_phase() {
 #[test]
 fn cancel_in_every_phase() {
     matrix(Fault::Cancel);
+}
+
+// After Go: the commit handshake never loses a guest or runs it twice.
+
+/// `ferry migrate` with the matrix's peer timeout, through `relay`.
+fn migrate_through(ssock: &Path, relay: &Relay) -> std::process::Output {
+    migrate(ssock, &relay.addr(), &["--peer-timeout-ms", PEER_TIMEOUT_MS])
+}
+
+/// `ferry migrate --resume` or `--take-back [--force]` on the source.
+fn settle(ssock: &Path, how: &[&str]) -> std::process::Output {
+    let mut args = vec!["migrate", "--api-sock", s(ssock), "--json"];
+    args.extend_from_slice(how);
+    ferry_cmd(&args)
+}
+
+/// The source holds the guest paused in `commit-unconfirmed` and refuses
+/// to run it: a plain resume is 409 naming the migration.
+fn source_in_doubt(ssock: &Path, o: &std::process::Output, case: &str) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{case}: {err}");
+    assert!(err.contains("commit is in doubt") && err.contains("--resume"), "{case}: {err}");
+    let m = http_get(ssock, "/vm/migration");
+    assert_eq!(m["state"], "commit-unconfirmed", "{case}: {m}");
+    assert_eq!(api("status", ssock)["state"], "paused", "{case}");
+    let id = m["result"]["migration_id"].as_str().map(str::to_string).unwrap_or_default();
+    let r = raw_http(ssock, b"PUT /vm/resume HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 409"), "{case}: {r}");
+    assert!(r.contains("unconfirmed commit") && r.contains("migration "), "{case}: {r}");
+    assert_eq!(api("status", ssock)["state"], "paused", "{case}: a plain resume did not run the guest");
+    id
+}
+
+/// The destination holds the loaded VM without having run it, waiting for a settle.
+fn destination_holding(dst: &mut Guest, dsock: &Path, case: &str) {
+    let deadline = Instant::now() + secs(30);
+    loop {
+        let v = http_get(dsock, "/vm");
+        if v["migration"]["state"] == "commit-unconfirmed" {
+            assert_eq!(v["state"], "incoming", "{case}: {v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{case}: the destination does not hold the VM: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dst.collect_for(Duration::from_millis(500));
+    assert!(!dst.seen.iter().any(|l| l.starts_with("PROGRESS")), "{case}: the guest ran at the destination");
+}
+
+/// The guest carries on at the destination with its sequence unbroken and
+/// memory intact; the source gave it up (exit 0) and ran it no further.
+fn runs_at_destination_only(src: &mut Guest, dst: &mut Guest, dsock: &Path, case: &str) {
+    assert_eq!(src.wait_exit(secs(30)).code(), Some(0), "{case}: the source ends");
+    let p = dst.wait_line("PROGRESS", secs(30));
+    let last_src = *seqs(&src.seen).last().expect("source printed progress");
+    let first_dst = field(&p, "seq").unwrap();
+    assert!(
+        first_dst == last_src + 1 || first_dst == last_src + 2,
+        "{case}: sequence continues once: source ended at {last_src}, destination began at {first_dst}"
+    );
+    dst.send_line("verify");
+    let v = dst.wait_line("VERIFY", secs(30));
+    assert!(v.starts_with("VERIFY OK"), "{case}: {v}");
+    assert_eq!(api("status", dsock)["state"], "running", "{case}");
+    let o = ferry_cmd(&["shutdown", "--api-sock", s(dsock)]);
+    assert!(o.status.success(), "{case}");
+    assert_eq!(dst.wait_exit(secs(30)).code(), Some(0), "{case}");
+}
+
+#[test]
+fn go_lost_is_settled_by_resume_and_the_guest_runs_at_the_destination_once() {
+    let case = "Go lost";
+    let (mut src, ssock) = source();
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+    let relay = Relay::start(&addr, Some(Phase::Go), Fault::Drop);
+    let o = migrate_through(&ssock, &relay);
+    assert!(relay.fired.try_recv().is_ok(), "{case}: the relay swallowed Go");
+    let id = source_in_doubt(&ssock, &o, case);
+    destination_holding(&mut dst, &dsock, case);
+    assert_eq!(http_get(&dsock, "/vm")["migration"]["migration_id"], id.as_str(), "{case}");
+    // A destination that never sent Ready for this migration refuses the settle;
+    // the source stays in doubt and can try again.
+    let (mut other, _osock, other_addr) = receiver("unix://DIR/mig.sock", &[]);
+    relay.retarget(&other_addr);
+    let o = settle(&ssock, &["--resume"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{case}: {err}");
+    assert!(err.contains("refused") && err.contains("Settle"), "{case}: {err}");
+    assert_eq!(http_get(&ssock, "/vm/migration")["state"], "commit-unconfirmed", "{case}");
+    assert_eq!(other.wait_exit(secs(30)).code(), Some(1), "{case}");
+    assert!(!other.seen.iter().any(|l| l.starts_with("PROGRESS")), "{case}");
+    // The real destination: it has no Go, gets it now and runs the guest.
+    relay.retarget(&addr);
+    let o = settle(&ssock, &["--resume"]);
+    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "completed", "{case}: {v}");
+    assert_eq!(v["migration_id"], id.as_str(), "{case}: {v}");
+    runs_at_destination_only(&mut src, &mut dst, &dsock, case);
+}
+
+#[test]
+fn running_lost_is_settled_by_resume_without_running_the_guest_twice() {
+    let case = "Running lost";
+    let (mut src, ssock) = source();
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+    let relay = Relay::start(&addr, Some(Phase::Running), Fault::Drop);
+    let o = migrate_through(&ssock, &relay);
+    assert!(relay.fired.try_recv().is_ok(), "{case}: the relay swallowed Running");
+    source_in_doubt(&ssock, &o, case);
+    // The destination got Go: the guest runs there, and only there.
+    dst.wait_line("PROGRESS", secs(30));
+    let o = settle(&ssock, &["--resume"]);
+    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "completed", "{case}: {v}");
+    dst.wait_stderr("runs here", secs(10));
+    runs_at_destination_only(&mut src, &mut dst, &dsock, case);
+}
+
+#[test]
+fn running_lost_cannot_be_taken_back_the_migration_completes_instead() {
+    let case = "Running lost, take-back asked";
+    let (mut src, ssock) = source();
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+    let relay = Relay::start(&addr, Some(Phase::Running), Fault::Drop);
+    let o = migrate_through(&ssock, &relay);
+    source_in_doubt(&ssock, &o, case);
+    dst.wait_line("PROGRESS", secs(30));
+    // The destination got Go and runs the guest: taking it back would run it
+    // twice, so the settle completes the migration instead.
+    let o = settle(&ssock, &["--take-back"]);
+    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "completed", "{case}: {v}");
+    runs_at_destination_only(&mut src, &mut dst, &dsock, case);
+}
+
+#[test]
+fn the_source_killed_after_go_leaves_the_guest_running_at_the_destination() {
+    let case = "source killed after Go";
+    let (mut src, ssock) = source();
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+    let relay = Relay::start(&addr, Some(Phase::Running), Fault::KillSource);
+    let s2 = ssock.clone();
+    let to = relay.addr();
+    let mig = std::thread::spawn(move || migrate(&s2, &to, &["--peer-timeout-ms", PEER_TIMEOUT_MS]));
+    relay.fired.recv_timeout(secs(60)).expect("the relay saw Running");
+    src.child.kill().unwrap();
+    let _ = src.child.wait();
+    relay.ctl.cut();
+    let _ = mig.join();
+    let p = dst.wait_line("PROGRESS", secs(30));
+    assert!(p.starts_with("PROGRESS"), "{case}");
+    dst.send_line("verify");
+    let v = dst.wait_line("VERIFY", secs(30));
+    assert!(v.starts_with("VERIFY OK"), "{case}: {v}");
+    assert_eq!(api("status", &dsock)["state"], "running", "{case}");
+    let o = ferry_cmd(&["shutdown", "--api-sock", s(&dsock)]);
+    assert!(o.status.success(), "{case}");
+    assert_eq!(dst.wait_exit(secs(30)).code(), Some(0), "{case}");
+}
+
+#[test]
+fn go_lost_and_taken_back_runs_the_guest_at_the_source_again() {
+    let case = "Go lost, taken back";
+    let (mut src, ssock) = source();
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+    let relay = Relay::start(&addr, Some(Phase::Go), Fault::Drop);
+    let o = migrate_through(&ssock, &relay);
+    source_in_doubt(&ssock, &o, case);
+    destination_holding(&mut dst, &dsock, case);
+    let o = settle(&ssock, &["--take-back"]);
+    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "cancelled", "{case}: {v}");
+    assert_eq!(http_get(&ssock, "/vm/migration")["state"], "cancelled", "{case}");
+    dst.wait_stderr("takes the guest back", secs(30));
+    destination_ran_nothing(&mut dst, case);
+    source_still_fine(&mut src, &ssock, case);
+}
+
+#[test]
+fn a_commit_wait_that_expires_drops_the_never_run_copy_and_the_source_takes_it_back() {
+    let case = "commit wait expired";
+    let (mut src, ssock) = source();
+    let (mut dst, _dsock, addr) =
+        receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS, "--commit-wait-ms", COMMIT_WAIT_MS]);
+    let relay = Relay::start(&addr, Some(Phase::Go), Fault::Drop);
+    let o = migrate_through(&ssock, &relay);
+    source_in_doubt(&ssock, &o, case);
+    // Nobody settles: the destination drops the VM it never ran and exits 1.
+    dst.wait_stderr("never ran here", secs(30));
+    let code = dst.wait_exit(secs(30)).code();
+    assert_eq!(code, Some(1), "{case}");
+    assert!(!dst.seen.iter().any(|l| l.starts_with("PROGRESS")), "{case}: the guest ran at the destination");
+    // The source cannot reach it: still in doubt, still paused.
+    let o = settle(&ssock, &["--take-back"]);
+    assert_eq!(o.status.code(), Some(1), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(http_get(&ssock, "/vm/migration")["state"], "commit-unconfirmed", "{case}");
+    assert_eq!(api("status", &ssock)["state"], "paused", "{case}");
+    // The operator knows the destination exited without running it: forced take-back.
+    let o = settle(&ssock, &["--take-back", "--force"]);
+    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    source_still_fine(&mut src, &ssock, case);
+}
+
+#[test]
+fn every_link_fault_after_go_is_settled_by_resume() {
+    for phase in [Phase::Go, Phase::Running] {
+        for fault in [Fault::Drop, Fault::Stall, Fault::Corrupt] {
+            let case = format!("{fault:?} at {phase:?}");
+            let (mut src, ssock) = source();
+            let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+            let relay = Relay::start(&addr, Some(phase), fault);
+            let o = migrate_through(&ssock, &relay);
+            assert!(relay.fired.try_recv().is_ok(), "{case}: the relay struck");
+            source_in_doubt(&ssock, &o, &case);
+            if phase == Phase::Go {
+                // Go was cut, held back or damaged: the destination never read an intact one.
+                destination_holding(&mut dst, &dsock, &case);
+            } else {
+                dst.wait_line("PROGRESS", secs(30));
+            }
+            // The settle goes over a new connection, which the relay leaves alone.
+            let o = settle(&ssock, &["--resume"]);
+            assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(v["state"], "completed", "{case}: {v}");
+            relay.ctl.cut();
+            runs_at_destination_only(&mut src, &mut dst, &dsock, &case);
+        }
+    }
 }

@@ -25,8 +25,8 @@ use ferry_vmm::{RunState, Vm};
 use serde::Serialize;
 
 use crate::migration::{
-    migrate_out, resume_postcopy, MigrateRequest, MigrationError, MigrationProgress, MigrationState, MigrationStats,
-    PostcopyResume, ProgressHandle,
+    migrate_out, resume_postcopy, settle_commit, MigrateRequest, MigrationError, MigrationProgress, MigrationState,
+    MigrationStats, PostcopyResume, ProgressHandle, SettleWant, Settled, Unsettled,
 };
 use crate::snapshot::{take_snapshot, SnapshotError, SnapshotRequest, SnapshotStats};
 use crate::LazyCompletion;
@@ -191,6 +191,23 @@ pub enum ControlError {
     /// A post-copy lost its link after the commit; it waits for a resume.
     #[error("{0}")]
     PostcopyPaused(String),
+    /// `Go` was sent and no `Running` came back: the commit waits to be settled.
+    #[error("{0}")]
+    CommitUnconfirmed(String),
+    /// The guest may run at the destination: nothing may run it here, or
+    /// touch it, until the commit is settled.
+    #[error("migration {migration_id} to {to} has an unconfirmed commit (the destination may run the guest): cannot {op} here; settle it with `ferry migrate --resume` or `ferry migrate --take-back`")]
+    CommitInDoubt {
+        /// What was asked for.
+        op: Operation,
+        /// The migration.
+        migration_id: String,
+        /// Its destination.
+        to: String,
+    },
+    /// Only a commit in doubt can be taken back.
+    #[error("{0}")]
+    CannotTakeBack(String),
     /// A migration was refused or failed; the guest runs here as before.
     #[error("migration failed, the guest stays here: {0}")]
     Migration(#[from] MigrationError),
@@ -238,9 +255,11 @@ impl ControlError {
             | ControlError::Migrated { .. }
             | ControlError::NothingToCancel
             | ControlError::NothingToResume
+            | ControlError::CommitInDoubt { .. }
+            | ControlError::CannotTakeBack(_)
             | ControlError::AlreadyCommitted => Fault::Conflict,
             ControlError::NoSuchVcpu { .. } => Fault::Client,
-            ControlError::PostcopyPaused(_) => Fault::Peer,
+            ControlError::PostcopyPaused(_) | ControlError::CommitUnconfirmed(_) => Fault::Peer,
             ControlError::Migration(m) if m.is_cancelled() => Fault::Conflict,
             ControlError::Migration(m) if m.is_client_error() => Fault::Client,
             ControlError::Migration(MigrationError::Engine(crate::Error::NotConverging { .. })) => Fault::Conflict,
@@ -271,6 +290,8 @@ struct Ops {
     shutting_down: bool,
     /// Where the guest went, once a migration committed.
     migrated_to: Option<String>,
+    /// A commit in doubt: (migration id, destination).
+    in_doubt: Option<(String, String)>,
 }
 
 /// A VM and everything that decides what may happen to it next.
@@ -322,7 +343,7 @@ impl VmController {
             vm,
             lineage: Mutex::new(lineage),
             memory_ready,
-            ops: Mutex::new(Ops { current: None, intent, shutting_down: false, migrated_to: None }),
+            ops: Mutex::new(Ops { current: None, intent, shutting_down: false, migrated_to: None, in_doubt: None }),
             cv: Condvar::new(),
             vm_id,
             migration: Arc::new(Mutex::new(MigrationProgress::default())),
@@ -366,6 +387,29 @@ impl VmController {
         turn: Turn<'_>,
     ) -> Result<MigrationStats, ControlError> {
         if let Err(e) = &r {
+            if e.is_commit_unconfirmed() {
+                // Go was sent: the guest may run there. Keep it paused here,
+                // with all of its state, until a settle says who has it.
+                let id = resume.as_ref().map(|c| c.migration_id.clone()).unwrap_or_default();
+                let so_far = resume.as_ref().map(|c| c.stats.clone());
+                {
+                    let mut ops = self.ops.lock().unwrap();
+                    ops.migrated_to = Some(req.to.clone());
+                    ops.in_doubt = Some((id, req.to.clone()));
+                }
+                if let Some(ctx) = resume {
+                    *self.postcopy_resume.lock().unwrap() = Some(ctx);
+                }
+                let mut p = self.migration.lock().unwrap();
+                p.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+                p.state = Some(MigrationState::CommitUnconfirmed);
+                p.error = Some(e.to_string());
+                p.result = so_far;
+                p.link = None;
+                drop(p);
+                drop(turn);
+                return Err(ControlError::CommitUnconfirmed(e.to_string()));
+            }
             if e.is_postcopy_paused() {
                 // The guest is the destination's now, but part of its memory
                 // is only here: keep it paused (never resumed here) for a resume.
@@ -412,7 +456,11 @@ impl VmController {
         }
         match r {
             Ok(stats) => {
-                self.ops.lock().unwrap().migrated_to = Some(req.to.clone());
+                {
+                    let mut ops = self.ops.lock().unwrap();
+                    ops.migrated_to = Some(req.to.clone());
+                    ops.in_doubt = None;
+                }
                 drop(turn);
                 if !req.keep_paused {
                     self.vm.stop(ferry_vmm::ExitReason::Migrated { to: req.to.clone() });
@@ -426,9 +474,13 @@ impl VmController {
         }
     }
 
-    /// Finishes a post-copy whose link was lost, over a new connection.
+    /// Finishes a post-copy whose link was lost, or settles a commit in
+    /// doubt in the destination's favour, over a new connection.
     pub fn resume_migration(&self) -> Result<MigrationStats, ControlError> {
         let mut ctx = self.postcopy_resume.lock().unwrap().take().ok_or(ControlError::NothingToResume)?;
+        if ctx.pending == Unsettled::Commit {
+            return self.settle(ctx, SettleWant::Destination, false);
+        }
         let turn = {
             let mut ops = self.ops.lock().unwrap();
             if let Some((running, since)) = ops.current {
@@ -452,6 +504,85 @@ impl VmController {
         let r = resume_postcopy(&self.vm, &self.vm_id, &mut ctx, &self.migration);
         let keep = r.as_ref().err().is_some_and(|e| e.is_postcopy_paused()).then_some(ctx);
         self.finish_migration(started, &req, r, keep, turn)
+    }
+
+    /// Settles a commit in doubt in this side's favour: the destination is
+    /// told to drop its copy, which it does only if it never got `Go`, and
+    /// the guest runs here again (if it did get `Go`, the migration
+    /// completes instead). `force` skips asking: only for a destination
+    /// known to be gone without having run the guest (it exited saying so).
+    pub fn take_back_migration(&self, force: bool) -> Result<MigrationStats, ControlError> {
+        let ctx = self.postcopy_resume.lock().unwrap().take().ok_or(ControlError::NothingToResume)?;
+        if ctx.pending != Unsettled::Commit {
+            *self.postcopy_resume.lock().unwrap() = Some(ctx);
+            return Err(ControlError::CannotTakeBack(
+                "a paused post-copy cannot be taken back: the guest runs at the destination; finish it with `ferry migrate --resume`".into(),
+            ));
+        }
+        self.settle(ctx, SettleWant::TakeBack, force)
+    }
+
+    /// Settles a commit in doubt (see [`VmController::resume_migration`]
+    /// and [`VmController::take_back_migration`]).
+    fn settle(&self, mut ctx: PostcopyResume, want: SettleWant, force: bool) -> Result<MigrationStats, ControlError> {
+        let turn = {
+            let mut ops = self.ops.lock().unwrap();
+            if let Some((running, since)) = ops.current {
+                *self.postcopy_resume.lock().unwrap() = Some(ctx);
+                return Err(ControlError::Busy {
+                    requested: Operation::Migration,
+                    running,
+                    elapsed_ms: since.elapsed().as_secs_f64() * 1e3,
+                });
+            }
+            ops.current = Some((Operation::Migration, Instant::now()));
+            Turn { ctl: self }
+        };
+        let started = Instant::now();
+        {
+            let mut p = self.migration.lock().unwrap();
+            p.error = None;
+            p.result = None;
+        }
+        let req = ctx.request.clone();
+        let r = if force {
+            ctx.stats.state = MigrationState::Cancelled;
+            self.migration.lock().unwrap().state = Some(MigrationState::Cancelled);
+            Ok(Settled::TakenBack(ctx.stats.clone()))
+        } else {
+            settle_commit(&self.vm_id, &mut ctx, &self.migration, want)
+        };
+        match r {
+            Ok(Settled::Running(stats)) => self.finish_migration(started, &req, Ok(stats), None, turn),
+            Ok(Settled::TakenBack(stats)) => {
+                {
+                    // The guest is this side's again: the turn's end resumes
+                    // it if the user wants it running.
+                    let mut ops = self.ops.lock().unwrap();
+                    ops.migrated_to = None;
+                    ops.in_doubt = None;
+                }
+                let mut p = self.migration.lock().unwrap();
+                p.elapsed_ms += started.elapsed().as_secs_f64() * 1e3;
+                p.state = Some(MigrationState::Cancelled);
+                p.result = Some(stats.clone());
+                p.committed = false;
+                drop(p);
+                drop(turn);
+                Ok(stats)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let mut p = self.migration.lock().unwrap();
+                p.state = Some(MigrationState::CommitUnconfirmed);
+                p.error = Some(msg.clone());
+                p.result = Some(ctx.stats.clone());
+                *self.postcopy_resume.lock().unwrap() = Some(ctx);
+                drop(p);
+                drop(turn);
+                Err(ControlError::CommitUnconfirmed(msg))
+            }
+        }
     }
 
     /// Cancels the running migration: it stops at its next frame and the
@@ -512,6 +643,9 @@ impl VmController {
             }
             if ops.shutting_down {
                 return Err(ControlError::ShuttingDown(op));
+            }
+            if let Some((migration_id, to)) = &ops.in_doubt {
+                return Err(ControlError::CommitInDoubt { op, migration_id: migration_id.clone(), to: to.clone() });
             }
             if let Some(to) = &ops.migrated_to {
                 return Err(ControlError::Migrated { op, to: to.clone() });

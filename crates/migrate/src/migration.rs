@@ -14,6 +14,12 @@
 //! caller, [`crate::control::VmController`], restores the user's state). The
 //! destination never runs a guest without `Go`. After `Go` the source never
 //! resumes on its own, so the guest cannot run twice.
+//!
+//! If `Go` or `Running` is lost, the commit is in doubt: the source keeps
+//! the guest paused ([`MigrationState::CommitUnconfirmed`]), the destination
+//! keeps the loaded VM unrun for its commit wait, and [`settle_commit`] asks
+//! the destination over a new connection (`Settle`) whether it runs the
+//! guest, then sends `Go` again or takes the guest back.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -31,8 +37,8 @@ use crate::streams::{StreamJob, StreamReceivers, StreamWorker};
 use crate::transport::{self, Address, ClientSecurity, Listener, TlsConfig, TransportReader, TransportWriter};
 use crate::wire::{
     check_ram_range, encode_pages, Accept, CpuFeatureWord, FrameKey, FrameReader, FrameWriter, Hello, Join, Kind,
-    Message, Ready, Reason, WireCodec, WireError, CAP_ZSTD, FINAL_ROUND, HEADER_LEN, MAX_RUN_PAGES, PAGE,
-    PROTOCOL_VERSION, TAG_LEN,
+    Message, Ready, Reason, Settle, WireCodec, WireError, CAP_SETTLE, CAP_ZSTD, FINAL_ROUND, HEADER_LEN, MAX_RUN_PAGES,
+    PAGE, PROTOCOL_VERSION, TAG_LEN,
 };
 
 /// Default time a peer may stay silent (or a write may block) before the
@@ -170,6 +176,12 @@ pub enum MigrationState {
     /// The link was lost during post-copy: the guest is paused at both
     /// ends (the source keeps all of its memory) until a resume.
     PostcopyPaused,
+    /// The source sent `Go` but no `Running` came back (or, at the
+    /// destination, `Ready` was sent and `Go` never arrived): the guest is
+    /// paused at the source and runs at the destination only if `Go` got
+    /// there. It runs nowhere twice; a settle (`ferry migrate --resume` or
+    /// `--take-back`) decides who keeps it.
+    CommitUnconfirmed,
     /// The guest runs at the destination.
     Completed,
     /// It failed; the guest runs at the source.
@@ -333,12 +345,30 @@ pub enum MigrationError {
     /// the destination's but some of its memory is only here.
     #[error("post-copy lost its link after the commit ({0}); the guest is paused at both ends and this side keeps all of its memory: finish it with `ferry migrate --resume` (PUT /vm/migration/resume)")]
     PostcopyPaused(String),
+    /// `Go` was sent but no `Running` came back: whether the destination
+    /// runs the guest is unknown here. The guest stays paused here.
+    #[error("the commit is in doubt: Go was sent but no Running came back ({0}); the guest stays paused here and runs at the destination only if Go reached it. Settle it: `ferry migrate --resume` (PUT /vm/migration/resume) asks the destination and makes it run the guest if it does not yet; `ferry migrate --take-back` (PUT /vm/migration/take-back) resumes it here if the destination never got Go")]
+    CommitUnconfirmed(String),
+    /// The destination held the loaded VM for its commit wait and no
+    /// source settled the commit: it drops the VM without having run it.
+    #[error("no Go arrived for migration {migration_id} and no source settled the commit within {waited_ms} ms; the guest never ran here and this side drops it (the source still holds it paused: take it back there with `ferry migrate --take-back`)")]
+    CommitWaitExpired {
+        /// The migration.
+        migration_id: String,
+        /// How long it waited.
+        waited_ms: u64,
+    },
 }
 
 impl MigrationError {
     /// True when a post-copy lost its link and waits for a resume.
     pub fn is_postcopy_paused(&self) -> bool {
         matches!(self, MigrationError::PostcopyPaused(_))
+    }
+
+    /// True when `Go` was sent and no `Running` came back.
+    pub fn is_commit_unconfirmed(&self) -> bool {
+        matches!(self, MigrationError::CommitUnconfirmed(_))
     }
 
     /// True when the user cancelled it.
@@ -596,9 +626,23 @@ type PageSet = Vec<Vec<u64>>;
 /// Both halves of one keyed stream.
 type Stream = (FrameReader<TransportReader>, FrameWriter<TransportWriter>);
 
-/// What a source keeps of a post-copy whose link was lost, to resume it.
+/// What a source waits to settle after the commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unsettled {
+    /// A post-copy lost its link: the destination runs the guest and
+    /// lacks pages that only this side has.
+    Postcopy,
+    /// `Go` was sent, `Running` did not come back: who runs the guest is
+    /// for the destination to say.
+    Commit,
+}
+
+/// What a source keeps of a post-copy whose link was lost, or of a commit
+/// in doubt, to resume or settle it.
 #[derive(Clone)]
 pub struct PostcopyResume {
+    /// What waits.
+    pub pending: Unsettled,
     /// The migration.
     pub migration_id: String,
     /// The original request (address, TLS files, codec).
@@ -825,14 +869,36 @@ pub fn migrate_out(
     // whatever happens, the guest is not resumed here.
     let running = r.recv();
     stats.downtime_ms = ms(pause_started.elapsed());
-    match running {
-        Ok(Message::Running) => {}
-        Ok(other) => {
-            eprintln!("ferry: migration committed; the destination answered {:?} instead of Running", other.kind())
+    let doubt = match running {
+        Ok(Message::Running) => None,
+        Ok(other) => Some(format!("the destination answered {:?} instead of Running", other.kind())),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(why) = doubt {
+        if deferred.is_none() {
+            // Pre-copy (or local): the destination either runs the guest
+            // (it got Go) or holds it paused waiting for a settle. Only it
+            // can say which; until then the guest stays paused here.
+            stats.total_ms = ms(t0.elapsed());
+            stats.bytes_sent = w.bytes + extra.iter().sum::<u64>();
+            stats.bytes_received = r.bytes;
+            stats.state = MigrationState::CommitUnconfirmed;
+            set(MigrationState::CommitUnconfirmed);
+            let settle = accept.capabilities.iter().any(|c| c == CAP_SETTLE);
+            let why = if settle {
+                why
+            } else {
+                format!("{why}; this destination does not offer {CAP_SETTLE:?}: it cannot be asked")
+            };
+            *resume = Some(PostcopyResume {
+                pending: Unsettled::Commit,
+                migration_id: migration_id.clone(),
+                request: req.clone(),
+                stats,
+            });
+            return Err(MigrationError::CommitUnconfirmed(why));
         }
-        Err(e) => {
-            eprintln!("ferry: migration committed; no Running from the destination ({e}); the guest stays paused here")
-        }
+        eprintln!("ferry: migration committed; no Running from the destination ({why}); the guest stays paused here");
     }
     if let (Some(deferred), Some(f)) = (deferred, fault.take()) {
         set(MigrationState::PostcopyActive);
@@ -847,7 +913,12 @@ pub fn migrate_out(
         if let Err(why) = outcome {
             set(MigrationState::PostcopyPaused);
             stats.state = MigrationState::PostcopyPaused;
-            *resume = Some(PostcopyResume { migration_id: migration_id.clone(), request: req.clone(), stats });
+            *resume = Some(PostcopyResume {
+                pending: Unsettled::Postcopy,
+                migration_id: migration_id.clone(),
+                request: req.clone(),
+                stats,
+            });
             return Err(MigrationError::PostcopyPaused(why));
         }
         stats.state = MigrationState::Completed;
@@ -1063,6 +1134,103 @@ fn resume_postcopy_once(
     Ok(ctx.stats.clone())
 }
 
+/// What a source wants from settling a commit in doubt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettleWant {
+    /// The guest should run at the destination: send `Go` again if it did
+    /// not get it.
+    Destination,
+    /// The guest should run here again: tell the destination to drop its
+    /// copy, which it does only if it never got `Go`.
+    TakeBack,
+}
+
+/// How a settle ended.
+#[derive(Debug)]
+pub enum Settled {
+    /// The destination runs the guest (it had `Go`, or got it now): the
+    /// migration is complete.
+    Running(MigrationStats),
+    /// The destination never got `Go` and was told to drop its copy (or,
+    /// forced, was not asked): the guest is this side's again.
+    TakenBack(MigrationStats),
+}
+
+/// Settles a commit in doubt over a new connection to the destination:
+/// asks with `Settle` whether it runs the guest. If it does, the migration
+/// is complete whatever `want` says. If it holds the paused VM without `Go`,
+/// `want` decides: `Go` now (and wait for `Running`), or `Abort` and the
+/// guest is this side's again. Safe to repeat: any failure leaves the
+/// commit in doubt, and the destination runs the guest only on a `Go`.
+pub fn settle_commit(
+    vm_id: &str,
+    ctx: &mut PostcopyResume,
+    progress: &ProgressHandle,
+    want: SettleWant,
+) -> Result<Settled, MigrationError> {
+    let t0 = Instant::now();
+    let r = settle_once(vm_id, ctx, want);
+    ctx.stats.total_ms += ms(t0.elapsed());
+    let mut p = progress.lock().unwrap();
+    match r {
+        Ok(running) => {
+            ctx.stats.state = if running { MigrationState::Completed } else { MigrationState::Cancelled };
+            p.state = Some(ctx.stats.state);
+            Ok(if running { Settled::Running(ctx.stats.clone()) } else { Settled::TakenBack(ctx.stats.clone()) })
+        }
+        Err(e) => {
+            p.state = Some(MigrationState::CommitUnconfirmed);
+            Err(match e {
+                MigrationError::CommitUnconfirmed(_) => e,
+                other => MigrationError::CommitUnconfirmed(format!("the settle failed: {other}")),
+            })
+        }
+    }
+}
+
+/// One settle attempt; true when the destination runs the guest, false
+/// when it was told to drop its copy.
+fn settle_once(vm_id: &str, ctx: &PostcopyResume, want: SettleWant) -> Result<bool, MigrationError> {
+    let route = Route::of(&ctx.request)?;
+    let id = ctx.migration_id.clone();
+    let (mut r, mut w, _) = route.open()?;
+    w.send(&Message::Settle(Settle { migration_id: id.clone(), vm_id: vm_id.to_string() })).map_err(WireError::Io)?;
+    w.flush().map_err(WireError::Io)?;
+    let accept = match r.recv()? {
+        Message::Accept(a) => a,
+        Message::Refuse(why) => return Err(MigrationError::Refused(why.reason)),
+        other => return Err(MigrationError::Wire(unexpected(0, "Accept of the settle", &other))),
+    };
+    let key = FrameKey::session(&id, &accept.nonce, vm_id);
+    w.rekey(key.clone());
+    r.rekey(key);
+    match r.recv()? {
+        Message::Running => Ok(true),
+        Message::Ready(_) => match want {
+            SettleWant::Destination => {
+                w.send(&Message::Go).map_err(WireError::Io)?;
+                w.flush().map_err(WireError::Io)?;
+                match r.recv()? {
+                    Message::Running => Ok(true),
+                    Message::Abort(why) => Err(MigrationError::PeerAborted(why.reason)),
+                    other => Err(MigrationError::Wire(unexpected(0, "Running", &other))),
+                }
+            }
+            SettleWant::TakeBack => {
+                // Best effort: the destination runs the guest only on a Go,
+                // and none will come from here again.
+                let _ = w.send(&Message::Abort(Reason {
+                    reason: "the source takes the guest back: drop the copy that never ran".into(),
+                }));
+                let _ = w.flush();
+                Ok(false)
+            }
+        },
+        Message::Abort(why) => Err(MigrationError::PeerAborted(why.reason)),
+        other => Err(MigrationError::Wire(unexpected(0, "Running or Ready", &other))),
+    }
+}
+
 fn unexpected(seq: u64, wanted: &str, got: &Message) -> WireError {
     WireError::BadFrame { seq, what: format!("expected {wanted}, got {:?}", got.kind()) }
 }
@@ -1213,7 +1381,30 @@ pub struct ReceiveOptions {
     pub process_start: Instant,
     /// Leave the guest paused after the commit.
     pub paused: bool,
+    /// How long to hold a loaded VM whose `Go` did not arrive (the link
+    /// was lost after `Ready`) for the source to settle the commit.
+    pub commit_wait: Duration,
+    /// Where the incoming migration is, for the API while no VM is served.
+    pub progress: IncomingHandle,
 }
+
+/// Default of [`ReceiveOptions::commit_wait`]: long enough for an operator
+/// to notice and run `ferry migrate --resume`.
+pub const DEFAULT_COMMIT_WAIT: Duration = Duration::from_secs(60);
+
+/// An incoming migration's phase, for `GET /vm` before the VM is served.
+#[derive(Clone, Debug, Serialize, Default)]
+pub struct IncomingProgress {
+    /// Where it is (None while waiting for a source).
+    pub state: Option<MigrationState>,
+    /// The migration, once its hello arrived.
+    pub migration_id: Option<String>,
+    /// In `commit-unconfirmed`: ms left before the loaded VM is dropped.
+    pub commit_wait_left_ms: Option<u64>,
+}
+
+/// Shared incoming progress.
+pub type IncomingHandle = Arc<Mutex<IncomingProgress>>;
 
 /// What arrived.
 pub struct Received {
@@ -1322,6 +1513,8 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     let mut w = FrameWriter::new(w);
     let mut r = FrameReader::new(r);
     let mut stats = IncomingStats { peer: peer.addr.clone(), peer_name: peer.name.clone(), ..Default::default() };
+    let set = |st: MigrationState| opts.progress.lock().unwrap().state = Some(st);
+    set(MigrationState::Setup);
     let hello = match r.recv() {
         Ok(Message::Hello(h)) => h,
         Ok(other) => return Err(refuse(&mut w, unexpected(0, "Hello", &other).to_string())),
@@ -1340,12 +1533,12 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         }
     }
     let nonce = random_hex();
-    w.send(&Message::Accept(Accept {
-        protocol_version: PROTOCOL_VERSION,
-        capabilities: hello.capabilities.clone(),
-        nonce: nonce.clone(),
-    }))
-    .map_err(WireError::Io)?;
+    opts.progress.lock().unwrap().migration_id = Some(hello.migration_id.clone());
+    // Offered unasked: this side holds a VM whose Go did not arrive for a settle.
+    let mut capabilities = hello.capabilities.clone();
+    capabilities.push(CAP_SETTLE.to_string());
+    w.send(&Message::Accept(Accept { protocol_version: PROTOCOL_VERSION, capabilities, nonce: nonce.clone() }))
+        .map_err(WireError::Io)?;
     w.flush().map_err(WireError::Io)?;
     let key = FrameKey::session(&hello.migration_id, &nonce, &hello.vm_id);
     w.rekey(key.clone());
@@ -1417,6 +1610,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         let mut needed = postcopy.then(|| crate::postcopy::empty_set(&ranges));
         let receivers =
             if extra.is_empty() { None } else { Some(StreamReceivers::start(&ram, std::mem::take(&mut extra))?) };
+        set(MigrationState::Active);
         let state_bytes = loop {
             match r.recv()? {
                 Message::Pages { .. } | Message::Zero { .. } if local => {
@@ -1482,6 +1676,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
             }
         };
         let t_state = Instant::now();
+        set(MigrationState::Device);
         let state: VmState = serde_json::from_slice(&state_bytes).map_err(|e| {
             MigrationError::Wire(WireError::BadPayload { seq: 0, kind: Kind::State, what: e.to_string() })
         })?;
@@ -1502,27 +1697,66 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         }
         let vm = Arc::new(prepared.apply(&state).map_err(crate::Error::Vm)?);
         let digest = hello.capabilities.iter().any(|c| c == CAP_DIGEST).then(|| ram.digest().to_hex().to_string());
-        w.send(&Message::Ready(Ready { memory_digest: digest })).map_err(WireError::Io)?;
+        let ready = Ready { memory_digest: digest };
+        w.send(&Message::Ready(ready.clone())).map_err(WireError::Io)?;
         w.flush().map_err(WireError::Io)?;
-        let go = r.recv();
-        match go {
+        let drop_vm = || {
+            vm.stop(ferry_vmm::ExitReason::ShutdownForced);
+            vm.wait();
+        };
+        match r.recv() {
             Ok(Message::Go) => {}
+            // An authenticated frame other than Go in Go's place: the source
+            // did not commit (it aborted or is broken), and never will on
+            // this stream.
             Ok(Message::Abort(why)) => {
-                vm.stop(ferry_vmm::ExitReason::ShutdownForced);
-                vm.wait();
+                drop_vm();
                 return Err(MigrationError::PeerAborted(why.reason));
             }
             Ok(other) => {
-                vm.stop(ferry_vmm::ExitReason::ShutdownForced);
-                vm.wait();
+                drop_vm();
                 return Err(MigrationError::Wire(unexpected(0, "Go", &other)));
             }
-            Err(e) => {
-                vm.stop(ferry_vmm::ExitReason::ShutdownForced);
-                vm.wait();
+            // The link failed (or Go arrived damaged): Go may have been
+            // sent. Post-copy cannot wait here (its pages follow on this
+            // stream); otherwise hold the loaded VM for a settle. This
+            // stream is never read again, so only a settle can bring Go.
+            Err(e) if postcopy => {
+                drop_vm();
                 return Err(MigrationError::Wire(e));
             }
+            Err(e) => {
+                let wait = opts.commit_wait;
+                eprintln!(
+                    "ferry: the link to the source failed after Ready ({e}); Go may have been sent: holding the loaded VM of migration {} paused for {} ms for the source to settle the commit (`ferry migrate --resume` there)",
+                    hello.migration_id,
+                    wait.as_millis()
+                );
+                set(MigrationState::CommitUnconfirmed);
+                stats.bytes_received += r.bytes;
+                let ids = (hello.migration_id.as_str(), hello.vm_id.as_str());
+                match await_settle(listener, ids, &ready, wait, opts.peer_timeout, &opts.progress) {
+                    SettleEnd::Go((sr, sw)) => {
+                        eprintln!("ferry: the source settled the commit: Go");
+                        r = sr;
+                        w = sw;
+                    }
+                    SettleEnd::TakenBack(why) => {
+                        drop_vm();
+                        return Err(MigrationError::PeerAborted(why));
+                    }
+                    SettleEnd::Expired => {
+                        drop_vm();
+                        return Err(MigrationError::CommitWaitExpired {
+                            migration_id: hello.migration_id.clone(),
+                            waited_ms: wait.as_millis() as u64,
+                        });
+                    }
+                }
+            }
         }
+        set(MigrationState::Completed);
+        opts.progress.lock().unwrap().commit_wait_left_ms = None;
         // Ours now: the lineage starts here.
         vm.lineage_log().and_then(|l| l.reset()).map_err(crate::Error::Vm)?;
         if !opts.paused {
@@ -1532,7 +1766,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         let _ = w.flush();
         stats.switchover_ms = ms(t_state.elapsed());
         stats.total_ms = ms(t0.elapsed());
-        stats.bytes_received = r.bytes;
+        stats.bytes_received += r.bytes;
         Ok(Received { vm, vm_id: hello.vm_id.clone(), stats: stats.clone(), postcopy: None })
     })();
     if let Err(e) = &result {
@@ -1643,6 +1877,153 @@ fn resume_incoming(
     pc.pages.start(r, w, fr, fw, pc.peer_timeout).map_err(|e| MigrationError::Engine(crate::Error::Mismatch(e)))
 }
 
+/// How a destination's wait for a settle ended.
+enum SettleEnd {
+    /// A settle brought `Go`, on this stream (to answer `Running` on).
+    Go(Stream),
+    /// The source took the guest back (its `Abort` reason).
+    TakenBack(String),
+    /// The commit wait passed without either.
+    Expired,
+}
+
+/// What a destination says to a settle.
+#[derive(Clone, Copy)]
+enum Holding<'a> {
+    /// It runs the guest: `Running`.
+    Running,
+    /// It holds the loaded VM paused without `Go`: `Ready` (as before), then
+    /// it waits for `Go` or `Abort`.
+    Paused(&'a Ready),
+}
+
+/// What one settle connection brought.
+enum SettleStep {
+    /// Answered `Running`; nothing changes.
+    Answered,
+    /// `Go` arrived.
+    Go(Stream),
+    /// `Abort` arrived: the source takes the guest back.
+    Abort(String),
+}
+
+/// Whether a `Settle` names the migration and VM this side holds; a
+/// settle for anything else (another migration, another VM, a replay
+/// aimed at a destination that never sent `Ready` for it) is refused.
+fn settle_matches(x: &Settle, (id, vm_id): (&str, &str)) -> bool {
+    x.migration_id == id && x.vm_id == vm_id
+}
+
+/// Serves one settle connection: checks the `Settle`, accepts it with a
+/// fresh nonce (session key as for the main stream) and answers what this
+/// side holds.
+fn settle_incoming(
+    conn: transport::Transport,
+    ids: (&str, &str),
+    holding: Holding<'_>,
+    peer_timeout: Duration,
+) -> Result<SettleStep, MigrationError> {
+    conn.set_timeouts(Some(peer_timeout), Some(peer_timeout))?;
+    let (r, w) = conn.split();
+    let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+    match r.recv()? {
+        Message::Settle(x) if settle_matches(&x, ids) => {}
+        Message::Settle(_) => {
+            return Err(refuse(&mut w, "no commit of that migration and VM waits to be settled here".into()))
+        }
+        other => return Err(refuse(&mut w, unexpected(0, "Settle", &other).to_string())),
+    }
+    let nonce = random_hex();
+    w.send(&Message::Accept(Accept {
+        protocol_version: PROTOCOL_VERSION,
+        capabilities: vec![CAP_SETTLE.to_string()],
+        nonce: nonce.clone(),
+    }))
+    .map_err(WireError::Io)?;
+    w.flush().map_err(WireError::Io)?;
+    let key = FrameKey::session(ids.0, &nonce, ids.1);
+    w.rekey(key.clone());
+    r.rekey(key);
+    let ready = match holding {
+        Holding::Running => {
+            w.send(&Message::Running).map_err(WireError::Io)?;
+            w.flush().map_err(WireError::Io)?;
+            return Ok(SettleStep::Answered);
+        }
+        Holding::Paused(ready) => ready,
+    };
+    w.send(&Message::Ready(ready.clone())).map_err(WireError::Io)?;
+    w.flush().map_err(WireError::Io)?;
+    match r.recv()? {
+        Message::Go => Ok(SettleStep::Go((r, w))),
+        Message::Abort(why) => Ok(SettleStep::Abort(why.reason)),
+        other => Err(MigrationError::Wire(unexpected(0, "Go or Abort", &other))),
+    }
+}
+
+/// Destination side of a commit in doubt: holds the loaded VM (paused,
+/// never run) and serves settles on `listener`, one at a time, until one
+/// brings `Go` or `Abort` or `wait` has passed.
+fn await_settle(
+    listener: &Listener,
+    ids: (&str, &str),
+    ready: &Ready,
+    wait: Duration,
+    peer_timeout: Duration,
+    progress: &IncomingHandle,
+) -> SettleEnd {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        progress.lock().unwrap().commit_wait_left_ms = Some(left.as_millis() as u64);
+        if left.is_zero() {
+            return SettleEnd::Expired;
+        }
+        let (conn, peer) = match listener.accept(left.min(Duration::from_millis(500))) {
+            Ok(c) => c,
+            Err(_) => {
+                // A timeout, or a client that failed TLS or the allow-list.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        // A settle may not hold the VM past the wait.
+        let timeout =
+            peer_timeout.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
+        match settle_incoming(conn, ids, Holding::Paused(ready), timeout) {
+            Ok(SettleStep::Go(stream)) => return SettleEnd::Go(stream),
+            Ok(SettleStep::Abort(why)) => return SettleEnd::TakenBack(why),
+            Ok(SettleStep::Answered) => {}
+            Err(e) => eprintln!("ferry: a settle from {} failed: {e}; still holding the VM", peer.addr),
+        }
+    }
+}
+
+/// Destination side after the commit of a pre-copy: answers `Running` to
+/// every settle of migration `id` of VM `vm_id` (its source may not have
+/// heard the first one), until `stop` is set.
+pub fn serve_commit_settles(
+    listener: &Listener,
+    (id, vm_id): (&str, &str),
+    peer_timeout: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    while !stop.load(Ordering::SeqCst) {
+        let (conn, peer) = match listener.accept(Duration::from_millis(500)) {
+            Ok(c) => c,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        match settle_incoming(conn, (id, vm_id), Holding::Running, peer_timeout) {
+            Ok(_) => eprintln!("ferry: told {} that migration {id} runs here", peer.addr),
+            Err(e) => eprintln!("ferry: a settle from {} failed: {e}", peer.addr),
+        }
+    }
+}
+
 /// Zeroes guest RAM in a checked range.
 pub(crate) fn zero_range(ram: &GuestRam, gpa: u64, len: u64) {
     static ZERO: [u8; 1 << 16] = [0; 1 << 16];
@@ -1657,6 +2038,96 @@ pub(crate) fn zero_range(ram: &GuestRam, gpa: u64, len: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source's side of one settle, by hand: sends `first`, returns the
+    /// destination's answer to it and, when accepted, its next frame.
+    fn settle_client(addr: &Address, first: Message, then: Option<Message>) -> (Message, Option<Message>) {
+        let conn = transport::connect(addr, &ClientSecurity::Insecure, "", CONNECT_TIMEOUT).unwrap();
+        conn.set_timeouts(Some(Duration::from_secs(10)), Some(Duration::from_secs(10))).unwrap();
+        let (r, w) = conn.split();
+        let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+        w.send(&first).unwrap();
+        w.flush().unwrap();
+        let answer = r.recv().unwrap();
+        let Message::Accept(a) = &answer else { return (answer, None) };
+        let key = FrameKey::session("m1", &a.nonce, "vm1");
+        w.rekey(key.clone());
+        r.rekey(key);
+        let next = r.recv().unwrap();
+        if let Some(m) = then {
+            w.send(&m).unwrap();
+            w.flush().unwrap();
+        }
+        (answer, Some(next))
+    }
+
+    #[test]
+    fn a_destination_in_doubt_refuses_other_settles_and_takes_go_from_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr: Address = format!("unix://{}", dir.path().join("m.sock").display()).parse().unwrap();
+        let listener = Listener::bind(&addr, transport::Security::Insecure).unwrap();
+        let progress = IncomingHandle::default();
+        let ready = Ready { memory_digest: Some("ab".into()) };
+        let a = addr.clone();
+        let client = std::thread::spawn(move || {
+            let settle = |id: &str, vm: &str| Message::Settle(Settle { migration_id: id.into(), vm_id: vm.into() });
+            // Another migration, another VM (a replay), a new migration's hello: refused.
+            for first in [
+                settle("m2", "vm1"),
+                settle("m1", "vm2"),
+                Message::Resume(crate::wire::Resume { migration_id: "m1".into(), vm_id: "vm1".into() }),
+            ] {
+                let (answer, _) = settle_client(&a, first, None);
+                assert!(matches!(answer, Message::Refuse(_)), "{answer:?}");
+            }
+            // Its own: Accept, then Ready as before, then Go.
+            let (answer, next) = settle_client(&a, settle("m1", "vm1"), Some(Message::Go));
+            let Message::Accept(acc) = answer else { panic!("{answer:?}") };
+            assert_eq!(acc.capabilities, vec![CAP_SETTLE.to_string()]);
+            assert_eq!(next, Some(Message::Ready(Ready { memory_digest: Some("ab".into()) })));
+        });
+        let end =
+            await_settle(&listener, ("m1", "vm1"), &ready, Duration::from_secs(30), Duration::from_secs(10), &progress);
+        assert!(matches!(end, SettleEnd::Go(_)), "the settle brought Go");
+        client.join().unwrap();
+        assert!(progress.lock().unwrap().commit_wait_left_ms.is_some());
+        // With nobody settling, the wait ends by itself.
+        let t = Instant::now();
+        let end = await_settle(
+            &listener,
+            ("m1", "vm1"),
+            &ready,
+            Duration::from_millis(300),
+            Duration::from_secs(10),
+            &progress,
+        );
+        assert!(matches!(end, SettleEnd::Expired));
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_destination_that_runs_the_guest_answers_running_and_an_abort_takes_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr: Address = format!("unix://{}", dir.path().join("m.sock").display()).parse().unwrap();
+        let listener = Listener::bind(&addr, transport::Security::Insecure).unwrap();
+        let a = addr.clone();
+        let settle = || Message::Settle(Settle { migration_id: "m1".into(), vm_id: "vm1".into() });
+        let client = std::thread::spawn(move || settle_client(&a, settle(), None));
+        let (conn, _) = listener.accept(Duration::from_secs(10)).unwrap();
+        let step = settle_incoming(conn, ("m1", "vm1"), Holding::Running, Duration::from_secs(10)).unwrap();
+        assert!(matches!(step, SettleStep::Answered));
+        assert_eq!(client.join().unwrap().1, Some(Message::Running));
+        // Holding the paused VM: an Abort in Go's place takes the guest back.
+        let a = addr.clone();
+        let abort = Message::Abort(Reason { reason: "taking it back".into() });
+        let client = std::thread::spawn(move || settle_client(&a, settle(), Some(abort)));
+        let ready = Ready::default();
+        let progress = IncomingHandle::default();
+        let end =
+            await_settle(&listener, ("m1", "vm1"), &ready, Duration::from_secs(30), Duration::from_secs(10), &progress);
+        assert!(matches!(end, SettleEnd::TakenBack(ref why) if why == "taking it back"));
+        client.join().unwrap();
+    }
 
     #[test]
     fn missing_features_are_named() {

@@ -79,6 +79,9 @@ pub enum Kind {
     /// Local migration, destination → source: the memory descriptors are
     /// mapped and the VM is built; the source may pause the guest.
     MemoryMapped = 18,
+    /// The first frame of a connection that settles a commit whose `Go`
+    /// or `Running` may have been lost.
+    Settle = 19,
 }
 
 impl Kind {
@@ -102,6 +105,7 @@ impl Kind {
             16 => Kind::Complete,
             17 => Kind::Resume,
             18 => Kind::MemoryMapped,
+            19 => Kind::Settle,
             _ => return None,
         })
     }
@@ -350,6 +354,25 @@ pub struct Resume {
     pub vm_id: String,
 }
 
+/// Asks the destination of a migration whose commit is in doubt (the
+/// source sent `Go`, no `Running` came back) whether it runs the guest.
+/// Only a destination that sent `Ready` for exactly this migration and VM
+/// accepts it; it answers `Running` (it runs the guest) or `Ready` (it
+/// holds the paused VM and waits for `Go` or `Abort`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Settle {
+    /// The migration whose commit is in doubt.
+    pub migration_id: String,
+    /// The VM being moved.
+    pub vm_id: String,
+}
+
+/// The capability a destination offers in `Accept` (unasked) when it
+/// holds a VM whose `Go` did not arrive and answers `Settle`: a source
+/// that sees it knows an unconfirmed commit can be settled.
+pub const CAP_SETTLE: &str = "commit-settle";
+
 /// The destination's figures of a finished post-copy, sent in `Complete`
 /// so that the source's statistics show what the guest went through.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
@@ -448,6 +471,8 @@ pub enum Message {
     Resume(Resume),
     /// Local migration: the destination has mapped the guest's memory.
     MemoryMapped,
+    /// See [`Settle`].
+    Settle(Settle),
 }
 
 impl Message {
@@ -472,6 +497,7 @@ impl Message {
             Message::Complete(_) => Kind::Complete,
             Message::Resume(_) => Kind::Resume,
             Message::MemoryMapped => Kind::MemoryMapped,
+            Message::Settle(_) => Kind::Settle,
         }
     }
 
@@ -491,6 +517,7 @@ impl Message {
             Kind::Join => Message::Join(json(p).map_err(bad)?),
             Kind::Complete => Message::Complete(json(p).map_err(bad)?),
             Kind::Resume => Message::Resume(json(p).map_err(bad)?),
+            Kind::Settle => Message::Settle(json(p).map_err(bad)?),
             Kind::Needed => {
                 if p.len() < 16 {
                     return Err(bad(format!("{} bytes, shorter than the 16-byte bitmap header", p.len())));
@@ -662,6 +689,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
         Message::Join(x) => j(out, x),
         Message::Complete(x) => j(out, x),
         Message::Resume(x) => j(out, x),
+        Message::Settle(x) => j(out, x),
         Message::Needed { gpa, npages, bitmap } => {
             out.extend_from_slice(&gpa.to_le_bytes());
             out.extend_from_slice(&npages.to_le_bytes());
@@ -894,6 +922,7 @@ mod tests {
             Message::Complete(PostcopyFigures { faults: 3, ..Default::default() }),
             Message::Resume(Resume { migration_id: "ab".into(), vm_id: "vm".into() }),
             Message::MemoryMapped,
+            Message::Settle(Settle { migration_id: "ab".into(), vm_id: "vm".into() }),
         ]
     }
 
