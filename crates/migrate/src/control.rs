@@ -477,33 +477,36 @@ impl VmController {
     /// Finishes a post-copy whose link was lost, or settles a commit in
     /// doubt in the destination's favour, over a new connection.
     pub fn resume_migration(&self) -> Result<MigrationStats, ControlError> {
-        let mut ctx = self.postcopy_resume.lock().unwrap().take().ok_or(ControlError::NothingToResume)?;
+        let ctx = self.postcopy_resume.lock().unwrap().take().ok_or(ControlError::NothingToResume)?;
         if ctx.pending == Unsettled::Commit {
             return self.settle(ctx, SettleWant::Destination, false);
         }
-        let turn = {
-            let mut ops = self.ops.lock().unwrap();
-            if let Some((running, since)) = ops.current {
-                *self.postcopy_resume.lock().unwrap() = Some(ctx);
-                return Err(ControlError::Busy {
-                    requested: Operation::Migration,
-                    running,
-                    elapsed_ms: since.elapsed().as_secs_f64() * 1e3,
-                });
-            }
-            ops.current = Some((Operation::Migration, Instant::now()));
-            Turn { ctl: self }
-        };
-        let started = Instant::now();
-        {
-            let mut p = self.migration.lock().unwrap();
-            p.error = None;
-            p.result = None;
-        }
+        let (turn, started, mut ctx) = self.resume_turn(ctx)?;
         let req = ctx.request.clone();
         let r = resume_postcopy(&self.vm, &self.vm_id, &mut ctx, &self.migration);
         let keep = r.as_ref().err().is_some_and(|e| e.is_postcopy_paused()).then_some(ctx);
         self.finish_migration(started, &req, r, keep, turn)
+    }
+
+    /// Takes the VM's operation slot for a resume or settle of `ctx`, and
+    /// clears the last migration's outcome; when the VM is busy, `ctx` stays
+    /// pending (taken back out of `ctx`) so that a later call can try again.
+    fn resume_turn(&self, ctx: PostcopyResume) -> Result<(Turn<'_>, Instant, PostcopyResume), ControlError> {
+        let mut ops = self.ops.lock().unwrap();
+        if let Some((running, since)) = ops.current {
+            *self.postcopy_resume.lock().unwrap() = Some(ctx);
+            return Err(ControlError::Busy {
+                requested: Operation::Migration,
+                running,
+                elapsed_ms: since.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+        ops.current = Some((Operation::Migration, Instant::now()));
+        drop(ops);
+        let mut p = self.migration.lock().unwrap();
+        p.error = None;
+        p.result = None;
+        Ok((Turn { ctl: self }, Instant::now(), ctx))
     }
 
     /// Settles a commit in doubt in this side's favour: the destination is
@@ -524,26 +527,8 @@ impl VmController {
 
     /// Settles a commit in doubt (see [`VmController::resume_migration`]
     /// and [`VmController::take_back_migration`]).
-    fn settle(&self, mut ctx: PostcopyResume, want: SettleWant, force: bool) -> Result<MigrationStats, ControlError> {
-        let turn = {
-            let mut ops = self.ops.lock().unwrap();
-            if let Some((running, since)) = ops.current {
-                *self.postcopy_resume.lock().unwrap() = Some(ctx);
-                return Err(ControlError::Busy {
-                    requested: Operation::Migration,
-                    running,
-                    elapsed_ms: since.elapsed().as_secs_f64() * 1e3,
-                });
-            }
-            ops.current = Some((Operation::Migration, Instant::now()));
-            Turn { ctl: self }
-        };
-        let started = Instant::now();
-        {
-            let mut p = self.migration.lock().unwrap();
-            p.error = None;
-            p.result = None;
-        }
+    fn settle(&self, ctx: PostcopyResume, want: SettleWant, force: bool) -> Result<MigrationStats, ControlError> {
+        let (turn, started, mut ctx) = self.resume_turn(ctx)?;
         let req = ctx.request.clone();
         let r = if force {
             ctx.stats.state = MigrationState::Cancelled;
