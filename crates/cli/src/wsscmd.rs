@@ -81,6 +81,12 @@ pub fn run(a: WssArgs) -> Result<u8> {
         serde_json::from_value(http::request(&a.api_sock, "PUT", "/vm/wss", Some(&body), Duration::from_secs(10))?)
             .context("unexpected answer to PUT /vm/wss")?;
     let report = follow(&a.api_sock, &started, a.duration)?;
+    if report.sample_one_in < sample_one_in && !a.json {
+        eprintln!(
+            "ferry: this host has no manual dirty-log protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): \
+             every page was tracked, and sampling slowed a fast-writing guest as --exact does"
+        );
+    }
     let prediction = a.bandwidth.map(|b| {
         let mut p = PredictParams::migrate_defaults(b.bytes_per_s());
         p.downtime_ms = a.downtime_ms;

@@ -87,10 +87,16 @@ fn working_set_of_an_idle_and_of_a_dirtying_guest_with_csv_and_svg() {
     // of a fixed sample (so the estimate does not change from run to run), times 64.
     let sv = wss_json(&sock, &["--interval", "100ms", "--duration", "4s"]);
     let sr = &sv["report"];
-    assert_eq!(sr["sample_one_in"], 64, "{sr}");
     let est = sr["distinct_pages"].as_u64().unwrap();
-    assert_eq!(est % 64, 0, "{sr}");
-    assert!((1024..=4096).contains(&est), "estimated working set {est} pages, about 2,048 expected: {sr}");
+    if sr["sample_one_in"] == 1 {
+        // A host without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 cannot sample: every page is tracked.
+        eprintln!("NOTE: this host has no manual dirty-log protection; the sampler tracked every page");
+        assert!((2048..=2048 + 100).contains(&est), "{sr}");
+    } else {
+        assert_eq!(sr["sample_one_in"], 64, "{sr}");
+        assert_eq!(est % 64, 0, "{sr}");
+        assert!((1024..=4096).contains(&est), "estimated working set {est} pages, about 2,048 expected: {sr}");
+    }
 
     let text = std::fs::read_to_string(&csv).unwrap();
     let lines: Vec<&str> = text.lines().collect();
