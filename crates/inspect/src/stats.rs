@@ -183,8 +183,6 @@ pub(crate) struct PageKey {
     pub image: u32,
     /// Guest-physical address of the page.
     pub gpa: u64,
-    /// BLAKE3 (first 16 bytes) of the page, for candidates only (filled by [`confirm`]).
-    pub strong: Option<[u8; 16]>,
 }
 
 /// What one worker gathered.
@@ -210,7 +208,7 @@ fn analyse(path: &Path, image: u32, key: Option<&UserKey>, opts: &StatsOptions, 
                     continue;
                 }
                 let at = gpa + (j * PAGE) as u64;
-                part.keys.push(PageKey { hash: xxh3_64(p), image, gpa: at, strong: None });
+                part.keys.push(PageKey { hash: xxh3_64(p), image, gpa: at });
                 part.hist[(entropy(p) as usize).min(7)] += 1;
                 if (at / PAGE_SIZE).is_multiple_of(every) {
                     let l = lz4_flex::block::compress_into(p, &mut lz).unwrap_or(PAGE);
@@ -248,21 +246,17 @@ fn candidates(keys: &[PageKey]) -> Vec<usize> {
 /// Longest run of consecutive pages read at once when confirming candidates.
 const CONFIRM_RUN: usize = 256;
 
-/// Reads the candidate pages `idx` of image `path` again (on `threads` threads, each with its
-/// own chain handle, in address order so each chunk is decoded about once) and fills in
-/// their BLAKE3.
-fn confirm(
-    path: &Path,
-    key: Option<&UserKey>,
-    keys: &mut [PageKey],
-    mut idx: Vec<usize>,
-    threads: usize,
-) -> Result<()> {
-    if idx.is_empty() {
-        return Ok(());
+/// Reads the pages at `gpas` of image `path` again (on `threads` threads, each with its own
+/// chain handle, in address order so each chunk is decoded about once) and returns their
+/// BLAKE3 (first 16 bytes), in the order given.
+fn confirm(path: &Path, key: Option<&UserKey>, gpas: &[u64], threads: usize) -> Result<Vec<[u8; 16]>> {
+    if gpas.is_empty() {
+        return Ok(Vec::new());
     }
-    idx.sort_unstable_by_key(|&i| keys[i].gpa);
-    let gpas: Vec<u64> = idx.iter().map(|&i| keys[i].gpa).collect();
+    let mut order: Vec<usize> = (0..gpas.len()).collect();
+    order.sort_unstable_by_key(|&i| gpas[i]);
+    let sorted: Vec<u64> = order.iter().map(|&i| gpas[i]).collect();
+    let gpas = &sorted;
     let n = threads.clamp(1, 64).min(gpas.len().div_ceil(CONFIRM_RUN));
     let per = gpas.len().div_ceil(n);
     let parts: Vec<Result<Vec<[u8; 16]>>> = std::thread::scope(|s| {
@@ -293,19 +287,21 @@ fn confirm(
             .collect();
         hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     });
+    let mut out = vec![[0u8; 16]; order.len()];
     let mut at = 0;
     for p in parts {
         for h in p? {
-            keys[idx[at]].strong = Some(h);
+            out[order[at]] = h;
             at += 1;
         }
     }
-    Ok(())
+    Ok(out)
 }
 
-/// Distinct page contents per image (`images` of them) and over all: keys sorted by hash;
-/// keys sharing a hash must have `strong` filled in (they are told apart by it).
-pub(crate) fn count_unique(keys: &[PageKey], images: usize) -> (Vec<u64>, u64) {
+/// Distinct page contents per image (`images` of them) and over all: `keys` sorted by hash,
+/// `cand` the indexes of the keys that share their hash ([`candidates`]) and `strong` their
+/// BLAKE3, by which they are told apart.
+pub(crate) fn count_unique(keys: &[PageKey], cand: &[usize], strong: &[[u8; 16]], images: usize) -> (Vec<u64>, u64) {
     let mut per = vec![0u64; images];
     let mut all = 0u64;
     let mut i = 0;
@@ -320,7 +316,8 @@ pub(crate) fn count_unique(keys: &[PageKey], images: usize) -> (Vec<u64>, u64) {
             all += 1;
         } else {
             group.clear();
-            group.extend(keys[i..j].iter().map(|k| (k.strong.unwrap_or_default(), k.image)));
+            let at = cand.partition_point(|&c| c < i);
+            group.extend(strong[at..at + (j - i)].iter().zip(&keys[i..j]).map(|(h, k)| (*h, k.image)));
             group.sort_unstable();
             group.dedup();
             for (g, &(h, img)) in group.iter().enumerate() {
@@ -396,16 +393,17 @@ pub fn stats(paths: &[PathBuf], key: Option<&UserKey>, opts: &StatsOptions) -> R
     // Duplicates: equal fast hashes, told apart by BLAKE3 of the pages read again.
     keys.sort_unstable_by_key(|k| k.hash);
     let cand = candidates(&keys);
-    let mut by_image: Vec<Vec<usize>> = vec![Vec::new(); paths.len()];
-    for i in cand {
-        by_image[keys[i].image as usize].push(i);
-    }
-    for (im, idx) in by_image.into_iter().enumerate() {
+    let mut strong = vec![[0u8; 16]; cand.len()];
+    for (im, img) in images.iter_mut().enumerate() {
         let t1 = Instant::now();
-        confirm(&paths[im], key, &mut keys, idx, opts.threads)?;
-        images[im].elapsed_secs += t1.elapsed().as_secs_f64();
+        let mine: Vec<usize> = (0..cand.len()).filter(|&p| keys[cand[p]].image as usize == im).collect();
+        let gpas: Vec<u64> = mine.iter().map(|&p| keys[cand[p]].gpa).collect();
+        for (p, h) in mine.into_iter().zip(confirm(&paths[im], key, &gpas, opts.threads)?) {
+            strong[p] = h;
+        }
+        img.elapsed_secs += t1.elapsed().as_secs_f64();
     }
-    let (per, all) = count_unique(&keys, paths.len());
+    let (per, all) = count_unique(&keys, &cand, &strong, paths.len());
     for (img, unique) in images.iter_mut().zip(per) {
         img.unique_nonzero_pages = unique;
         img.duplicate_pages = img.nonzero_pages - unique;
@@ -426,15 +424,15 @@ pub fn stats(paths: &[PathBuf], key: Option<&UserKey>, opts: &StatsOptions) -> R
 mod tests {
     use super::*;
 
-    fn k(hash: u64, image: u32, gpa: u64, strong: Option<u8>) -> PageKey {
-        PageKey { hash, image, gpa, strong: strong.map(|b| [b; 16]) }
+    fn k(hash: u64, image: u32, gpa: u64, strong: Option<u8>) -> (PageKey, Option<u8>) {
+        (PageKey { hash, image, gpa }, strong)
     }
 
     /// Pages whose fast hashes collide but whose contents differ count as distinct; real
     /// duplicates count once per image and once over all images.
     #[test]
     fn fast_hash_collisions_are_told_apart_by_blake3() {
-        let mut keys = vec![
+        let mut both = vec![
             k(7, 0, 0x1000, Some(1)),
             k(7, 0, 0x2000, Some(2)), // same xxh3, other contents
             k(7, 0, 0x3000, Some(1)), // a real duplicate of 0x1000
@@ -442,9 +440,12 @@ mod tests {
             k(7, 1, 0x1000, Some(2)), // image 1 shares 0x2000's contents
             k(5, 1, 0x5000, None),
         ];
-        keys.sort_unstable_by_key(|k| k.hash);
-        assert_eq!(candidates(&keys).len(), 4);
-        let (per, all) = count_unique(&keys, 2);
+        both.sort_unstable_by_key(|k| k.0.hash);
+        let keys: Vec<PageKey> = both.iter().map(|k| k.0).collect();
+        let cand = candidates(&keys);
+        assert_eq!(cand.len(), 4);
+        let strong: Vec<[u8; 16]> = cand.iter().map(|&i| [both[i].1.expect("a candidate"); 16]).collect();
+        let (per, all) = count_unique(&keys, &cand, &strong, 2);
         assert_eq!(per, vec![3, 2], "image 0: {{1, 2, 9}}; image 1: {{2, 5}}");
         assert_eq!(all, 4, "contents 1, 2 (twice), 9, 5");
     }
