@@ -60,6 +60,9 @@ pub struct FeedStats {
     pub blocks_skipped: u64,
 }
 
+/// What takes the blocks: `(address, bytes, may_match)`.
+pub(crate) type Consumer<'a> = dyn FnMut(u64, &[u8], bool) -> Result<()> + 'a;
+
 /// Tells, on the reading threads, whether a block may hold a match (`false`: it holds none;
 /// the consumer is told and need not search it).
 pub(crate) type BlockFilter<'a> = Option<&'a (dyn Fn(&[u8]) -> bool + Sync)>;
@@ -177,7 +180,7 @@ pub(crate) fn feed(
     mem: &mut dyn PhysMem,
     plan: &FeedPlan,
     filter: BlockFilter,
-    consume: &mut dyn FnMut(u64, &[u8], bool) -> Result<()>,
+    consume: &mut Consumer,
 ) -> Result<FeedStats> {
     let (blocks, _pad, cap) = plan_blocks(mem, plan)?;
     let slack = if plan.word_edges { EDGE_SLACK as u64 } else { 0 };

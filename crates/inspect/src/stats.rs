@@ -432,7 +432,7 @@ mod tests {
     /// duplicates count once per image and once over all images.
     #[test]
     fn fast_hash_collisions_are_told_apart_by_blake3() {
-        let mut both = vec![
+        let mut both = [
             k(7, 0, 0x1000, Some(1)),
             k(7, 0, 0x2000, Some(2)), // same xxh3, other contents
             k(7, 0, 0x3000, Some(1)), // a real duplicate of 0x1000

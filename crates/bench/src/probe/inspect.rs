@@ -6,8 +6,8 @@
 //!
 //! Figures are GB/s of non-zero memory (the image's data pages; for the chain
 //! diff the pages B records after A) per wall second and per CPU second (user
-//! + system of the process, from `wait4`): the per-core figure says what the
-//! work costs, the wall figure what two threads on a loaded machine delivered.
+//! and system time of the process, from `wait4`): the per-core figure says what
+//! the work costs, the wall figure what two threads on a loaded machine delivered.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
