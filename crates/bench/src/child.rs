@@ -221,3 +221,34 @@ impl Drop for Kid {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `cmd`, returns (wall, user+system CPU of the child, stdout).
+pub(crate) fn timed(cmd: &mut Command) -> Result<(Duration, Duration, Vec<u8>)> {
+    use std::io::Read;
+    let t0 = Instant::now();
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let mut so = child.stdout.take().context("child stdout")?;
+    let mut se = child.stderr.take().context("child stderr")?;
+    let t = std::thread::spawn(move || {
+        let _ = se.read_to_end(&mut err);
+        err
+    });
+    so.read_to_end(&mut out)?;
+    let err = t.join().unwrap_or_default();
+    let mut status = 0i32;
+    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for the child we spawned.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child by its pid, with valid pointers.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let wall = t0.elapsed();
+    if pid < 0 {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{cmd:?} failed ({status:#x}): {}", String::from_utf8_lossy(&err).trim());
+    }
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    Ok((wall, tv(ru.ru_utime) + tv(ru.ru_stime), out))
+}

@@ -12,7 +12,7 @@
 //! thin layer over the library crates and the benchmarks can grow without
 //! growing the binary's main module.
 //!
-//! Layout: `probe` (what is measured: boot, snapshot, migrate, mount, scan, and the host
+//! Layout: `probe` (what is measured: boot, snapshot, migrate, mount, scan, inspect, and the host
 //! figures: machine, disk, codec, memory, schedstat, link), `peer` (the other
 //! VMMs: QEMU; Firecracker's comparison is a script), `report` (tables and
 //! JSON), and the plumbing (`child`, `vm`, `util`, `size`).
@@ -29,6 +29,7 @@ mod vm;
 use anyhow::Result;
 use clap::Subcommand;
 
+pub use probe::inspect::InspectBenchArgs;
 pub use probe::migrate::MigrateBenchArgs;
 pub use probe::mount::MountBenchArgs;
 pub use probe::scan::ScanBenchArgs;
@@ -83,6 +84,14 @@ pub enum BenchCmd {
         #[command(flatten)]
         args: ScanBenchArgs,
     },
+    /// The whole-image analyses (`ferry image verify`, `stats`, `diff`) on snapshots of the
+    /// test guest: GB/s of non-zero memory per wall and per CPU second, optionally side by
+    /// side with another ferry build (`--baseline`).
+    Inspect {
+        /// Its options.
+        #[command(flatten)]
+        args: InspectBenchArgs,
+    },
     /// Incremental scanning (`ferry scan --watch`) of a guest rewriting a
     /// working set: time per pass against a full scan.
     Watch {
@@ -116,6 +125,7 @@ pub fn run(cmd: BenchCmd) -> Result<u8> {
         BenchCmd::Migrate { args } => probe::migrate::migrate_bench(args),
         BenchCmd::Mount { args } => probe::mount::mount_bench(args),
         BenchCmd::Scan { args } => probe::scan::scan_bench(args),
+        BenchCmd::Inspect { args } => probe::inspect::inspect_bench(args),
         BenchCmd::Watch { args } => probe::watch::watch_bench(args),
         BenchCmd::Wss { args } => probe::wss::wss_bench(args),
     }

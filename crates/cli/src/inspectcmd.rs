@@ -84,6 +84,10 @@ pub struct ScanArgs {
     /// evaluated over all of memory. Modules, `filesize`, offsets and unbounded patterns are refused.
     #[arg(long, conflicts_with_all = ["string", "hex"])]
     rules: Option<PathBuf>,
+    /// With --rules: hand every block to YARA-X, also those without any pattern's literal
+    /// (the prefilter never changes the result; this compares speed and checks that).
+    #[arg(long, requires = "rules")]
+    no_prefilter: bool,
     /// Matches to list (all are counted).
     #[arg(long, default_value_t = 1000)]
     max_matches: usize,
@@ -212,7 +216,8 @@ pub fn scan(a: ScanArgs) -> Result<u8> {
         Yara(Box<YaraRules>),
     }
     let what = if let Some(path) = &a.rules {
-        What::Yara(Box::new(YaraRules::from_file(path)?))
+        let rules = YaraRules::from_file(path)?;
+        What::Yara(Box::new(if a.no_prefilter { rules.without_prefilter() } else { rules }))
     } else {
         let mut pats = Vec::new();
         for s in &a.string {

@@ -160,6 +160,52 @@ impl ImageChain {
         fill(map, &mut decs, gpa, buf)
     }
 
+    /// Visits the chain's resulting memory over `gpa..gpa + len` (both page aligned) in
+    /// address order without copying it: data as slices of the decoded chunks, zero memory
+    /// (zero runs, pages never recorded) as page counts. For consumers that only look at
+    /// the bytes (comparisons), where a copy into a buffer costs as much as their own work.
+    pub fn visit_range(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        mut visit: impl FnMut(u64, RunData<'_>) -> Result<()>,
+    ) -> Result<()> {
+        const PAGE: u64 = crate::header::PAGE_SIZE;
+        if gpa % PAGE != 0 || len % PAGE != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "visit at {gpa:#x} of {len} bytes: address and length must be multiples of 4096"
+            )));
+        }
+        check_in_ram(self.ranges(), gpa, len)?;
+        self.build_map();
+        let map = self.map.as_ref().expect("built above");
+        let (first, end) = (gpa / PAGE, (gpa + len) / PAGE);
+        let mut at = first;
+        for (p, n, src) in map.query(first, end - first) {
+            if p > at {
+                visit(at * PAGE, RunData::Zero { npages: p - at })?;
+            }
+            match src {
+                Src::Zero => visit(p * PAGE, RunData::Zero { npages: n })?,
+                Src::Data { image, chunk, page } => {
+                    let dec = &mut self.images[image as usize].dec;
+                    let from = page as usize * PAGE as usize;
+                    let bytes = n as usize * PAGE as usize;
+                    let data = dec.load(chunk)?;
+                    match data.get(from..from + bytes) {
+                        Some(d) => visit(p * PAGE, RunData::Data(d))?,
+                        None => return Err(dec.corrupt(chunk, "run extends past the chunk's data")),
+                    }
+                }
+            }
+            at = p + n;
+        }
+        if end > at {
+            visit(at * PAGE, RunData::Zero { npages: end - at })?;
+        }
+        Ok(())
+    }
+
     /// Number of chunks over all members: the numbering of [`ImageChain::read_final_chunk`]
     /// (the root's chunks first, each member's in file order).
     pub fn chunk_count(&self) -> usize {

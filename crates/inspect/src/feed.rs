@@ -56,7 +56,16 @@ pub struct FeedStats {
     pub unsafe_edges: u64,
     /// Threads that read memory.
     pub threads: usize,
+    /// Blocks the prefilter found no needle in (covered, but not handed on to be scanned).
+    pub blocks_skipped: u64,
 }
+
+/// What takes the blocks: `(address, bytes, may_match)`.
+pub(crate) type Consumer<'a> = dyn FnMut(u64, &[u8], bool) -> Result<()> + 'a;
+
+/// Tells, on the reading threads, whether a block may hold a match (`false`: it holds none;
+/// the consumer is told and need not search it).
+pub(crate) type BlockFilter<'a> = Option<&'a (dyn Fn(&[u8]) -> bool + Sync)>;
 
 /// One block: `from..end` must be fed, `start..end` is the part it adds; `seg` is its segment.
 #[derive(Clone, Copy, Debug)]
@@ -75,6 +84,7 @@ struct Piece {
     e: usize,
     owned: u64,
     unsafe_edges: u64,
+    may_match: bool,
 }
 
 /// Plans the blocks for `plan` over `mem`.
@@ -147,7 +157,7 @@ pub(crate) fn choose_edges(d: &[u8], lo: usize, hi: usize, lead: bool, tail: boo
 }
 
 /// Reads block `b` into `buf` and picks the part to feed.
-fn read_piece(mem: &mut dyn PhysMem, b: &Block, slack: u64, mut buf: Vec<u8>) -> Result<Piece> {
+fn read_piece(mem: &mut dyn PhysMem, b: &Block, slack: u64, filter: BlockFilter, mut buf: Vec<u8>) -> Result<Piece> {
     let lo = b.seg.0.max(b.from.saturating_sub(slack));
     let hi = b.seg.1.min(b.end.saturating_add(slack));
     let len = usize::try_from(hi - lo).map_err(|_| Error::BadLength { len: hi - lo, reason: "block".into() })?;
@@ -158,24 +168,32 @@ fn read_piece(mem: &mut dyn PhysMem, b: &Block, slack: u64, mut buf: Vec<u8>) ->
     } else {
         choose_edges(&buf, (b.from - lo) as usize, (b.end - lo) as usize, lo == b.seg.0, hi == b.seg.1)
     };
-    Ok(Piece { at: lo, buf, s, e, owned: b.end - b.start, unsafe_edges })
+    let may_match = filter.is_none_or(|f| f(&buf[s..e]));
+    Ok(Piece { at: lo, buf, s, e, owned: b.end - b.start, unsafe_edges, may_match })
 }
 
-/// Feeds every block of `mem` to `consume(address, bytes)` on this thread, reading them on
-/// `plan.threads` threads (each with its own handle on the memory) when the memory can be shared.
+/// Feeds every block of `mem` to `consume(address, bytes, may_match)` on this thread, reading
+/// them on `plan.threads` threads (each with its own handle on the memory) when the memory can
+/// be shared; `may_match` is what `filter` said of the block on the reading thread (`true`
+/// without a filter).
 pub(crate) fn feed(
     mem: &mut dyn PhysMem,
     plan: &FeedPlan,
-    consume: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    filter: BlockFilter,
+    consume: &mut Consumer,
 ) -> Result<FeedStats> {
     let (blocks, _pad, cap) = plan_blocks(mem, plan)?;
     let slack = if plan.word_edges { EDGE_SLACK as u64 } else { 0 };
     let mut stats = FeedStats { threads: 1, ..FeedStats::default() };
     let mut take = |p: &Piece, stats: &mut FeedStats| -> Result<()> {
-        consume(p.at + p.s as u64, &p.buf[p.s..p.e])?;
+        consume(p.at + p.s as u64, &p.buf[p.s..p.e], p.may_match)?;
         stats.bytes_scanned += p.owned;
-        stats.bytes_fed += (p.e - p.s) as u64;
         stats.blocks += 1;
+        if p.may_match {
+            stats.bytes_fed += (p.e - p.s) as u64;
+        } else {
+            stats.blocks_skipped += 1;
+        }
         stats.unsafe_edges += p.unsafe_edges;
         Ok(())
     };
@@ -191,20 +209,30 @@ pub(crate) fn feed(
     if helpers.is_empty() {
         let mut buf = Vec::with_capacity(cap);
         for b in &blocks {
-            let p = read_piece(mem, b, slack, buf)?;
+            let p = read_piece(mem, b, slack, filter, buf)?;
             take(&p, &mut stats)?;
             buf = p.buf;
         }
         return Ok(stats);
     }
     stats.threads = helpers.len();
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let pool: Arc<Mutex<Vec<Vec<u8>>>> = Arc::new(Mutex::new(Vec::new()));
     let (tx, rx) = sync_channel::<Result<Piece>>(helpers.len() * 2);
+    let job = Job {
+        blocks: &blocks,
+        next: std::sync::atomic::AtomicUsize::new(0),
+        // Consecutive blocks share their overlap's chunk: a reader that takes a run of them
+        // decodes that chunk once instead of once per block.
+        stripe: (blocks.len() / (helpers.len() * 4)).max(1),
+        slack,
+        filter,
+        cap,
+        pool: &pool,
+    };
     std::thread::scope(|s| {
         for mut m in helpers {
-            let (tx, pool, blocks, next) = (tx.clone(), pool.clone(), &blocks, &next);
-            s.spawn(move || worker(&mut *m, blocks, next, slack, cap, &pool, &tx));
+            let (tx, job) = (tx.clone(), &job);
+            s.spawn(move || worker(&mut *m, job, &tx));
         }
         drop(tx);
         // `rx` moves in and is dropped on return, so workers blocked on a send see the end.
@@ -213,24 +241,34 @@ pub(crate) fn feed(
     Ok(stats)
 }
 
-/// One reader: takes blocks in turn until none are left or the consumer went away.
-fn worker(
-    mem: &mut dyn PhysMem,
-    blocks: &[Block],
-    next: &std::sync::atomic::AtomicUsize,
+/// What the readers share.
+struct Job<'a> {
+    blocks: &'a [Block],
+    /// Next stripe to take.
+    next: std::sync::atomic::AtomicUsize,
+    /// Blocks per stripe.
+    stripe: usize,
     slack: u64,
+    filter: BlockFilter<'a>,
     cap: usize,
-    pool: &Mutex<Vec<Vec<u8>>>,
-    tx: &SyncSender<Result<Piece>>,
-) {
+    pool: &'a Mutex<Vec<Vec<u8>>>,
+}
+
+/// One reader: takes stripes of consecutive blocks in turn until none are left or the
+/// consumer went away.
+fn worker(mem: &mut dyn PhysMem, job: &Job, tx: &SyncSender<Result<Piece>>) {
     loop {
-        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Some(b) = blocks.get(i) else { return };
-        let buf = pool.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| Vec::with_capacity(cap));
-        let r = read_piece(mem, b, slack, buf);
-        let failed = r.is_err();
-        if tx.send(r).is_err() || failed {
+        let first = job.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed).saturating_mul(job.stripe);
+        if first >= job.blocks.len() {
             return;
+        }
+        for b in &job.blocks[first..job.blocks.len().min(first + job.stripe)] {
+            let buf = job.pool.lock().ok().and_then(|mut p| p.pop()).unwrap_or_else(|| Vec::with_capacity(job.cap));
+            let r = read_piece(mem, b, job.slack, job.filter, buf);
+            let failed = r.is_err();
+            if tx.send(r).is_err() || failed {
+                return;
+            }
         }
     }
 }
@@ -308,7 +346,7 @@ mod tests {
             let mut mem = Shared::new(bytes.clone(), ranges.clone());
             let plan = FeedPlan { max_len, all_memory: true, word_edges, block_size: 4096, threads };
             let mut fed: Vec<(u64, u64)> = Vec::new();
-            let st = feed(&mut mem, &plan, &mut |a, d| {
+            let st = feed(&mut mem, &plan, None, &mut |a, d, _| {
                 assert_eq!(&bytes[a as usize..a as usize + d.len()], d, "block at {a:#x} holds memory at {a:#x}");
                 fed.push((a, a + d.len() as u64));
                 Ok(())
@@ -335,7 +373,7 @@ mod tests {
         let mut mem = Shared::new(vec![1u8; 0x40000], ranges);
         let plan = FeedPlan { max_len: 16, all_memory: true, word_edges: false, block_size: 4096, threads: 2 };
         let mut n = 0;
-        let r = feed(&mut mem, &plan, &mut |_, _| {
+        let r = feed(&mut mem, &plan, None, &mut |_, _, _| {
             n += 1;
             Err(Error::BadLength { len: 0, reason: "stop".into() })
         });

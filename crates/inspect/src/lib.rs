@@ -15,6 +15,7 @@ mod live;
 mod maps;
 mod mem;
 mod paging;
+mod prefilter;
 mod read;
 mod redact;
 mod scan;

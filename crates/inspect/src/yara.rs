@@ -23,8 +23,9 @@ use yara_x_parser::ast::dfs::{DFSEvent, DFSIter};
 use yara_x_parser::ast::{self, Expr, HexSubPattern, HexToken, Item, WithSpan, AST};
 
 use crate::error::{Error, Result};
-use crate::feed::{feed, FeedPlan, FeedStats};
+use crate::feed::{feed, BlockFilter, FeedPlan, FeedStats};
 use crate::mem::PhysMem;
+use crate::prefilter::Prefilter;
 use crate::scan::{spans, with_virtual_addresses, Match, ScanOptions, ScanReport};
 
 /// Largest rule file read (bytes).
@@ -49,6 +50,8 @@ pub struct YaraRules {
     matches_zeros: bool,
     rule_count: usize,
     pattern_count: usize,
+    /// The literal prefilter, or why there is none / it is off.
+    prefilter: std::result::Result<Prefilter, String>,
 }
 
 /// What a YARA scan found beyond the matches: for reports.
@@ -66,6 +69,12 @@ pub struct YaraSummary {
     pub max_pattern_len: usize,
     /// Whether a pattern can match all-zero memory (then zero memory is scanned too).
     pub matches_zeros: bool,
+    /// Whether blocks without any of the patterns' literals were skipped (see `feed.blocks_skipped`).
+    pub prefilter: bool,
+    /// Byte strings the prefilter searches for (0 without one).
+    pub prefilter_needles: usize,
+    /// Why there was no prefilter (a regexp, `xor`, `base64`, too few fixed bytes, turned off).
+    pub prefilter_note: Option<String>,
     /// Reading and feeding figures.
     pub feed: FeedStats,
 }
@@ -103,7 +112,9 @@ impl YaraRules {
         let bounds = check(&ast, src, origin)?;
         let rules = compile_rules(src, origin)?;
         let matches_zeros = any_match(&rules, &vec![0u8; bounds.max_len.max(1) * 2])?;
+        let prefilter = Prefilter::from_ast(&ast);
         Ok(YaraRules {
+            prefilter,
             rules,
             origin: origin.into(),
             max_len: bounds.max_len.max(1),
@@ -147,6 +158,23 @@ impl YaraRules {
     /// Whether a pattern looks at word edges (`fullword`, `\b`), so block edges must move.
     pub(crate) fn word_edges(&self) -> bool {
         self.word_edges
+    }
+
+    /// Turns the literal prefilter off: every block is searched by YARA-X (to compare
+    /// results and speed with it on).
+    pub fn without_prefilter(mut self) -> Self {
+        self.prefilter = Err("turned off".into());
+        self
+    }
+
+    /// Whether blocks without any pattern's literal are skipped.
+    pub fn has_prefilter(&self) -> bool {
+        self.prefilter.is_ok()
+    }
+
+    /// Whether `data` may hold a match (always, without a prefilter).
+    pub(crate) fn may_match(&self, data: &[u8]) -> bool {
+        self.prefilter.as_ref().map_or(true, |p| p.may_match(data))
     }
 }
 
@@ -377,16 +405,23 @@ pub fn scan_yara(
     let mut scanner = yara_x::blocks::Scanner::new(&rules.rules);
     scanner.max_matches_per_pattern(MAX_MATCHES_PER_PATTERN);
     let mut done = 0u64;
-    let feed_stats = feed(mem, &plan, &mut |base, data| {
+    let may_match = |d: &[u8]| rules.prefilter.as_ref().is_ok_and(|p| p.may_match(d));
+    let filter: BlockFilter = if rules.prefilter.is_ok() { Some(&may_match) } else { None };
+    let mut searched = 0u64;
+    let feed_stats = feed(mem, &plan, filter, &mut |base, data, may_match| {
         let base = usize::try_from(base).map_err(|_| Error::Yara(format!("address {base:#x} too large")))?;
-        scanner.scan(base, data).map_err(|e| Error::Yara(format!("scanning at {base:#x}: {e}")))?;
+        if may_match {
+            scanner.scan(base, data).map_err(|e| Error::Yara(format!("scanning at {base:#x}: {e}")))?;
+            searched += 1;
+        }
         done += data.len() as u64;
         progress(done.min(total), total);
         Ok(())
     })?;
-    if feed_stats.blocks == 0 {
-        // Nothing to read (no data, no pattern matching zeros): yara-x 1.22 panics when a scan
-        // finishes without a block, so it gets an empty one.
+    if searched == 0 {
+        // Nothing searched (no data, no pattern matching zeros, or every block skipped by the
+        // prefilter): yara-x 1.22 panics when a scan finishes without a block, so it gets an
+        // empty one.
         scanner.scan(0, &[]).map_err(|e| Error::Yara(e.to_string()))?;
     }
     let results = scanner.finish().map_err(|e| Error::Yara(format!("evaluating conditions: {e}")))?;
@@ -428,6 +463,9 @@ pub fn scan_yara(
             matching_rules,
             max_pattern_len: rules.max_len,
             matches_zeros: rules.matches_zeros,
+            prefilter: rules.prefilter.is_ok(),
+            prefilter_needles: rules.prefilter.as_ref().map_or(0, |p| p.needles()),
+            prefilter_note: rules.prefilter.as_ref().err().cloned(),
             feed: feed_stats,
         }),
     })

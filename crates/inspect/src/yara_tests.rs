@@ -7,10 +7,20 @@ use ferry_image::{CpuRegs, ImageHeaderInput, ImageWriter, RamRange, WriteOptions
 use crate::tests::{naive, planted_image, scan_ranges};
 use crate::*;
 
+/// Scans with the literal prefilter (where the rules allow one) and without it, checks that
+/// both find the same, and returns the prefiltered report.
 fn yara(mem: &mut dyn PhysMem, src: &str, block: usize, threads: usize) -> ScanReport {
     let rules = YaraRules::compile(src, "test.yar").unwrap();
     let opts = ScanOptions { block_size: block, threads, max_matches: 100_000, ..ScanOptions::default() };
-    scan_yara(mem, &rules, &opts, &mut |_, _| {}).unwrap()
+    let r = scan_yara(mem, &rules, &opts, &mut |_, _| {}).unwrap();
+    let plain = scan_yara(mem, &rules.without_prefilter(), &opts, &mut |_, _| {}).unwrap();
+    assert_eq!(r.matches, plain.matches, "{src}: the prefilter changed the matches");
+    assert_eq!(r.total_matches, plain.total_matches);
+    let (y, p) = (r.yara.as_ref().unwrap(), plain.yara.as_ref().unwrap());
+    assert_eq!(y.matching_rules, p.matching_rules, "{src}: the prefilter changed the matching rules");
+    assert_eq!(y.feed.bytes_scanned, p.feed.bytes_scanned);
+    assert!(!p.prefilter && p.feed.blocks_skipped == 0 && p.feed.bytes_fed >= p.feed.bytes_scanned);
+    r
 }
 
 fn pas(r: &ScanReport, pattern: &str) -> Vec<u64> {
@@ -50,7 +60,8 @@ fn yara_finds_each_match_once_across_every_boundary() {
         assert!(r.bytes_scanned < r.ram_bytes, "zero memory is not read");
         let y = r.yara.as_ref().unwrap();
         assert_eq!((y.max_pattern_len, y.matches_zeros, y.rules, y.patterns), (16, false, 1, 4));
-        assert!(y.feed.bytes_fed >= y.feed.bytes_scanned);
+        assert!(y.prefilter, "text and hex patterns with fixed bytes are prefiltered");
+        assert!(y.feed.blocks_skipped > 0, "blocks without a literal are not searched");
     }
 }
 
@@ -207,4 +218,35 @@ fn many_blocks_many_rules_match_like_one_buffer() {
     let got: Vec<(u64, String)> = r.matches.iter().map(|m| (m.pa, m.rule.clone().unwrap())).collect();
     assert_eq!(got, want);
     assert_eq!(r.yara.unwrap().matching_rules.len(), 100);
+}
+
+/// The literal prefilter skips blocks without any needle and keeps every match: `nocase` and
+/// `wide` forms, a hex pattern with a wildcard, counts and negated conditions.
+#[test]
+fn prefilter_skips_blocks_and_keeps_every_match() {
+    let mut mem = text_mem(&[
+        (0x1000, b"SeCrEt"),
+        (0x3000, b"k\0e\0y\0"),
+        (0x6000, b" secret "),
+        (0x9000, b"other"),
+        (0xfffa, b"SECRET"),
+    ]);
+    let src = r#"
+        rule three { strings: $s = "secret" nocase condition: #s == 3 }
+        rule widekey { strings: $k = "key" wide condition: $k }
+        rule absent { strings: $n = "nothere" condition: not $n }
+        rule hexrun { strings: $h = { 6F 74 68 ?? 72 } condition: $h }
+    "#;
+    for (block, threads) in [(4096usize, 1), (4096, 2), (8192, 3)] {
+        let r = yara(&mut mem, src, block, threads);
+        let y = r.yara.as_ref().unwrap();
+        assert_eq!(y.matching_rules, ["three", "widekey", "absent", "hexrun"], "block {block}");
+        assert_eq!(pas(&r, "$s"), [0x1000, 0x6001, 0xfffa]);
+        assert!(y.prefilter && y.feed.blocks_skipped > 0, "{:?}", y.feed);
+    }
+    // A regexp cannot be bounded by literals: every block goes to YARA-X.
+    let r = yara(&mut mem, "rule re { strings: $r = /sec[a-z]{3}/ condition: $r }", 4096, 1);
+    let y = r.yara.as_ref().unwrap();
+    assert!(!y.prefilter && y.prefilter_note.as_deref().is_some_and(|n| n.contains("regexp")));
+    assert_eq!(pas(&r, "$r"), [0x6001]);
 }

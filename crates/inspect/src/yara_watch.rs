@@ -99,7 +99,14 @@ pub(crate) fn yara_pass(
     let mut scanner = yara_x::blocks::Scanner::new(rules.compiled());
     scanner.max_matches_per_pattern(MAX_MATCHES_PER_PATTERN);
     let mut blocks = 0u64;
-    let stats = feed(mem, &plan, &mut |base, data| {
+    // Blocks holding no pattern's literal are skipped, as in a scan of an image; the re-fed
+    // windows below hold known matches, so they are not filtered.
+    let may_match = |d: &[u8]| rules.may_match(d);
+    let filter: crate::feed::BlockFilter = if rules.has_prefilter() { Some(&may_match) } else { None };
+    let stats = feed(mem, &plan, filter, &mut |base, data, may_match| {
+        if !may_match {
+            return Ok(());
+        }
         let base = usize::try_from(base).map_err(|_| Error::Yara(format!("address {base:#x} too large")))?;
         scanner.scan(base, data).map_err(|e| Error::Yara(format!("scanning at {base:#x}: {e}")))?;
         blocks += 1;

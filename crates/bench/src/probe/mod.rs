@@ -3,6 +3,7 @@
 
 pub(crate) mod boot;
 pub(crate) mod host;
+pub(crate) mod inspect;
 pub(crate) mod migrate;
 pub(crate) mod mount;
 pub(crate) mod scan;

@@ -10,12 +10,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::child::{ferry_exe, ferry_json};
+use crate::child::{ferry_exe, ferry_json, timed};
 use crate::probe::host::{loadavg, machine, Machine};
 use crate::util::{log, median, mib};
 use crate::vm::FerryVm;
@@ -36,6 +36,9 @@ pub struct ScanBenchArgs {
     /// (skipped if it cannot import `yara_x`).
     #[arg(long, default_value = "python3")]
     pub(crate) python: String,
+    /// Another ferry binary whose one-thread scan of the same image is measured too.
+    #[arg(long)]
+    pub(crate) baseline: Option<PathBuf>,
     /// Directory for the image and the export (a temporary directory is made inside it).
     #[arg(long)]
     pub(crate) dir: Option<PathBuf>,
@@ -78,37 +81,6 @@ pub(crate) struct ScanBench {
     /// ferry's per-core figure (one thread) over YARA-X's.
     pub(crate) ratio_per_core: Option<f64>,
     pub(crate) yara_x_note: Option<String>,
-}
-
-/// Runs `cmd`, returns (wall, user+system CPU of the child, stdout).
-fn timed(cmd: &mut Command) -> Result<(Duration, Duration, Vec<u8>)> {
-    use std::io::Read;
-    let t0 = Instant::now();
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let mut out = Vec::new();
-    let mut err = Vec::new();
-    let mut so = child.stdout.take().context("child stdout")?;
-    let mut se = child.stderr.take().context("child stderr")?;
-    let t = std::thread::spawn(move || {
-        let _ = se.read_to_end(&mut err);
-        err
-    });
-    so.read_to_end(&mut out)?;
-    let err = t.join().unwrap_or_default();
-    let mut status = 0i32;
-    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for the child we spawned.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child by its pid, with valid pointers.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
-    let wall = t0.elapsed();
-    if pid < 0 {
-        bail!("wait4: {}", std::io::Error::last_os_error());
-    }
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!("{cmd:?} failed ({status:#x}): {}", String::from_utf8_lossy(&err).trim());
-    }
-    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
-    Ok((wall, tv(ru.ru_utime) + tv(ru.ru_stime), out))
 }
 
 /// `n` rules of one distinct 16..24-byte string each, none of them in the guest's memory.
@@ -208,16 +180,28 @@ pub fn scan_bench(a: ScanBenchArgs) -> Result<u8> {
     };
     let mut ferry = Vec::new();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for threads in [1usize, cores] {
-        let what = format!("ferry image scan --rules ({} rules, {threads} thread(s))", a.rules);
+    // This build with and without its literal prefilter, then the baseline build if given.
+    let mut configs: Vec<(String, PathBuf, usize, bool)> = vec![
+        ("ferry".into(), exe.clone(), 1, false),
+        ("ferry".into(), exe.clone(), cores, false),
+        ("ferry --no-prefilter".into(), exe.clone(), 1, true),
+    ];
+    if let Some(b) = &a.baseline {
+        configs.push((format!("baseline {}", b.display()), b.clone(), 1, false));
+    }
+    for (name, bin, threads, no_prefilter) in configs {
+        let what = format!("{name} image scan --rules ({} rules, {threads} thread(s))", a.rules);
         ferry.push(figures(
             &what,
             a.runs,
             data_bytes,
             || {
-                let mut c = Command::new(&exe);
+                let mut c = Command::new(&bin);
                 c.args(["image", "scan"]).arg(&img).arg("--rules").arg(&rules);
                 c.args(["--json", "--no-virt", "--threads", &threads.to_string()]);
+                if no_prefilter {
+                    c.arg("--no-prefilter");
+                }
                 c
             },
             ferry_count,
