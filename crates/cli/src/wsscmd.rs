@@ -31,6 +31,11 @@ pub struct WssArgs {
     /// Track every page (the same as `--sample 1`).
     #[arg(long, conflicts_with = "sample")]
     exact: bool,
+    /// Most sampled page writes per second to let the guest fault on (0:
+    /// keep the sample fixed). Past it the sampler thins its sample (N
+    /// doubles) so that it costs the guest about 1% at ~100 us a fault.
+    #[arg(long, value_name = "PAGES_PER_S", default_value_t = wss::DEFAULT_FAULT_BUDGET_PER_S)]
+    fault_budget: u64,
     /// Forecast a pre-copy migration at this rate (as `ferry migrate
     /// --max-bandwidth`: K, M, G bytes/s, 1024-based; kbit, mbit, gbit bits/s).
     #[arg(long, value_name = "RATE")]
@@ -74,14 +79,19 @@ fn parse_duration(s: &str) -> Result<u64, String> {
 /// Runs `ferry wss`.
 pub fn run(a: WssArgs) -> Result<u8> {
     let sample_one_in = if a.exact { 1 } else { a.sample };
-    let req = WssRequest { interval_ms: a.interval, duration_ms: a.duration, sample_one_in };
+    let req = WssRequest {
+        interval_ms: a.interval,
+        duration_ms: a.duration,
+        sample_one_in,
+        fault_budget_per_s: a.fault_budget,
+    };
     req.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     let body = serde_json::to_value(&req)?;
     let started: WssStarted =
         serde_json::from_value(http::request(&a.api_sock, "PUT", "/vm/wss", Some(&body), Duration::from_secs(10))?)
             .context("unexpected answer to PUT /vm/wss")?;
     let report = follow(&a.api_sock, &started, a.duration)?;
-    if report.sample_one_in < sample_one_in && !a.json {
+    if report.sample_one_in == 1 && sample_one_in > 1 && !a.json {
         eprintln!(
             "ferry: this host has no manual dirty-log protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): \
              every page was tracked, and sampling slowed a fast-writing guest as --exact does"
@@ -177,6 +187,13 @@ fn print_human(out: &WssOutcome) {
         println!(
             "tracked one page in {} (counts are that sample's, times {}: estimates; --exact tracks every page)",
             r.sample_one_in, r.sample_one_in
+        );
+    }
+    for c in &r.sample_changes {
+        println!(
+            "after interval {}: the guest wrote {} sampled pages, over the budget of {:.0} (--fault-budget {}/s): \
+             sample thinned from 1/{} to 1/{}",
+            c.after_sample, c.sampled_pages, c.budget_pages, r.fault_budget_per_s, c.from_one_in, c.to_one_in
         );
     }
     if n > 0 {

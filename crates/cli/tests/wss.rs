@@ -83,19 +83,51 @@ fn working_set_of_an_idle_and_of_a_dirtying_guest_with_csv_and_svg() {
     assert!(r["distinct_pages"].as_u64().unwrap() <= 2048 + 100, "{r}");
     let short = r["windows"][0]["mean_pages"].as_f64().unwrap();
     assert!(short > 100.0, "the guest dirties pages in every interval: {r}");
-    // Sampled (the default, one page in 64): the same working set, estimated from the pages
-    // of a fixed sample (so the estimate does not change from run to run), times 64.
-    let sv = wss_json(&sock, &["--interval", "100ms", "--duration", "4s"]);
+    // Sampled, fixed (one page in 64, no fault budget): the same working set, estimated from
+    // the pages of a fixed sample (so the estimate does not change from run to run), times 64.
+    let sv = wss_json(&sock, &["--interval", "100ms", "--duration", "4s", "--fault-budget", "0"]);
     let sr = &sv["report"];
     let est = sr["distinct_pages"].as_u64().unwrap();
-    if sr["sample_one_in"] == 1 {
+    let can_sample = sr["sample_one_in"] != 1;
+    if !can_sample {
         // A host without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 cannot sample: every page is tracked.
         eprintln!("NOTE: this host has no manual dirty-log protection; the sampler tracked every page");
         assert!((2048..=2048 + 100).contains(&est), "{sr}");
     } else {
         assert_eq!(sr["sample_one_in"], 64, "{sr}");
+        assert!(sr["sample_changes"].as_array().unwrap().is_empty(), "a fixed sample is never thinned: {sr}");
         assert_eq!(est % 64, 0, "{sr}");
         assert!((1024..=4096).contains(&est), "estimated working set {est} pages, about 2,048 expected: {sr}");
+    }
+    // With a fault budget of one sampled write a second, any interval in which the guest
+    // writes two sampled pages thins the sample: every count is then that interval's
+    // sample times its density, densities only grow, and the run ends at the last change.
+    let tv = wss_json(&sock, &["--interval", "1s", "--duration", "4s", "--fault-budget", "1"]);
+    let tr = &tv["report"];
+    if can_sample {
+        let changes = tr["sample_changes"].as_array().unwrap();
+        assert!(!changes.is_empty(), "a 2,048-page writer exceeds one sampled write a second: {tr}");
+        let mut density = 64;
+        for c in changes {
+            assert_eq!(c["from_one_in"].as_u64().unwrap(), density, "{tr}");
+            assert!(c["sampled_pages"].as_f64().unwrap() > c["budget_pages"].as_f64().unwrap(), "{tr}");
+            density = c["to_one_in"].as_u64().unwrap();
+            assert!(density > c["from_one_in"].as_u64().unwrap(), "{tr}");
+        }
+        assert_eq!(tr["sample_one_in"].as_u64().unwrap(), density, "{tr}");
+        assert_eq!(tr["sample_one_in_requested"], 64, "{tr}");
+        let mut last = 64;
+        for x in tr["samples"].as_array().unwrap() {
+            let n = x["sample_one_in"].as_u64().unwrap();
+            assert!(n >= last, "densities only grow within a run: {tr}");
+            assert_eq!(x["pages"].as_u64().unwrap() % n, 0, "{tr}");
+            last = n;
+        }
+        assert_eq!(tr["distinct_pages"].as_u64().unwrap() % density, 0, "{tr}");
+        // The human output names the change.
+        let o = wss(&sock, &["--interval", "1s", "--duration", "2s", "--fault-budget", "1"]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("sample thinned from 1/64 to 1/"), "{out}");
     }
 
     let text = std::fs::read_to_string(&csv).unwrap();
@@ -163,6 +195,8 @@ fn bad_flags_bad_bodies_and_a_second_sampler() {
         r#"{"interval_ms":0,"duration_ms":1000}"#,
         r#"{"interval_ms":100,"duration_ms":600001}"#,
         r#"{"interval_ms":100,"duration_ms":1000,"sample_one_in":6}"#,
+        r#"{"interval_ms":100,"duration_ms":1000,"fault_budget_per_s":1000001}"#,
+        r#"{"interval_ms":100,"duration_ms":1000,"fault_budget_per_s":-1}"#,
         r#"{"interval_ms":100,"duration_ms":50}"#,
         r#"{"interval_ms":"100ms","duration_ms":1000}"#,
         r#"{"interval_ms":100,"duration_ms":1000,"extra":1}"#,

@@ -88,16 +88,30 @@ fn mix(pfn: u64) -> u64 {
 /// mixed frame number has its low bits zero, so a sparser sample is a
 /// subset of a denser one.
 fn sample_mask(regions: &[RamRegion], one_in: u64) -> Vec<Bitmap> {
-    let mut out = empty(regions);
-    for (r, map) in regions.iter().zip(out.iter_mut()) {
-        let first = r.gpa / 4096;
-        for p in 0..r.len / 4096 {
-            if mix(first + p) & (one_in - 1) == 0 {
-                map[(p / 64) as usize] |= 1 << (p % 64);
+    regions.iter().map(|r| sample_bitmap(r.gpa / 4096, r.len / 4096, one_in)).collect()
+}
+
+/// The sample of one page in `one_in` (a power of two) among `pages` pages
+/// from frame `first_pfn` on, as a bitmap: the pages a sampling view of
+/// that density tracks. Readers that mix densities (a sample thinned during
+/// a run) mask what they gathered with the sparser one.
+pub fn sample_bitmap(first_pfn: u64, pages: u64, one_in: u64) -> Bitmap {
+    let mut map = vec![0u64; pages.div_ceil(64) as usize];
+    if one_in <= 1 {
+        map.iter_mut().for_each(|w| *w = !0);
+        if !pages.is_multiple_of(64) {
+            if let Some(last) = map.last_mut() {
+                *last = (1u64 << (pages % 64)) - 1;
             }
         }
+        return map;
     }
-    out
+    for p in 0..pages {
+        if mix(first_pfn + p) & (one_in - 1) == 0 {
+            map[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+    map
 }
 
 /// A sampling view's pages.
@@ -305,6 +319,32 @@ impl DirtyView {
     /// The view sees one page in this many (1: every page); counts scale by it.
     pub fn sample_one_in(&self) -> u64 {
         self.one_in
+    }
+
+    /// Thins a sampling view to one page in `one_in` (a power of two, at
+    /// least the current density, at most [`MAX_SAMPLE_ONE_IN`]), keeping
+    /// only the pages of the sparser sample from now on, including those it
+    /// holds. Why: each sampled page the guest writes costs it a write fault
+    /// per interval, so a sampler whose sample faults too often thins it to
+    /// stay within its budget. Samples nest, so the thinner one is a subset.
+    /// An exact view (or a host without manual protection) stays exact;
+    /// the density in effect is returned.
+    pub fn thin_sample(&mut self, one_in: u64) -> Result<u64, Error> {
+        if !one_in.is_power_of_two() || one_in > MAX_SAMPLE_ONE_IN {
+            return Err(Error::InvalidSample { one_in, max: MAX_SAMPLE_ONE_IN });
+        }
+        if self.one_in == 1 || one_in <= self.one_in {
+            return Ok(self.one_in);
+        }
+        let mut inner = self.log.inner.lock().unwrap();
+        let mask = sample_mask(&self.log.regions, one_in);
+        let v = inner.views.iter_mut().find(|v| v.id == self.id).expect("a live view is registered");
+        for (bits, m) in v.bits.iter_mut().zip(&mask) {
+            bits.iter_mut().zip(m).for_each(|(b, m)| *b &= *m);
+        }
+        v.sample = Some(Sample { one_in, mask });
+        self.one_in = one_in;
+        Ok(one_in)
     }
 }
 

@@ -19,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::child::ferry_exe;
+use crate::probe::host::sched::vcpu_sched;
 use crate::util::median;
 use crate::vm::FerryVm;
 
@@ -45,6 +46,10 @@ pub struct WssBenchArgs {
     /// each gets its own alternating phases on the same guest.
     #[arg(long, default_value = "1,64,256", value_delimiter = ',')]
     pub(crate) samples: Vec<u64>,
+    /// Fault budgets to compare for each sample above 1 (as `ferry wss
+    /// --fault-budget`; 0 keeps the sample fixed), comma-separated.
+    #[arg(long, default_value = "0,100", value_delimiter = ',')]
+    pub(crate) fault_budgets: Vec<u64>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -57,6 +62,10 @@ pub struct WssBenchLoad {
     pub load: String,
     /// The sampler tracked one page in this many (1: exact).
     pub sample_one_in: u64,
+    /// The sampler's fault budget, sampled page writes per second (0: fixed sample).
+    pub fault_budget_per_s: u64,
+    /// The sample it ended with (last phase), one page in this many.
+    pub final_one_in: u64,
     /// Guest progress rate in each phase without sampling, pages/s.
     pub without: Vec<f64>,
     /// Same, with sampling.
@@ -67,6 +76,15 @@ pub struct WssBenchLoad {
     pub median_with: f64,
     /// 1 - median_with / median_without, percent.
     pub slowdown_percent: f64,
+    /// Share of each phase the guest's vCPUs were on a CPU, without sampling.
+    pub cpu_share_without: Vec<f64>,
+    /// Same, with sampling.
+    pub cpu_share_with: Vec<f64>,
+    /// The same slowdown per second the vCPUs were on a CPU (progress over
+    /// on-CPU time, medians): what the sampler itself cost the guest, apart
+    /// from other programs taking its CPU on a shared machine. Write faults
+    /// are handled on the vCPU's thread, so they count as its CPU time.
+    pub slowdown_per_cpu_percent: f64,
     /// Mean dirty pages per interval the sampler saw (last phase).
     pub pages_per_interval: f64,
     /// Time the sampler spent reading the dirty log, share of the phase, percent (last phase).
@@ -94,11 +112,15 @@ pub fn wss_bench(a: WssBenchArgs) -> Result<u8> {
         let sock = dir.path().join(format!("wss-{i}.sock"));
         let vm = FerryVm::boot_cmdline(&sock, a.mem, &format!("dirty {load} report=100"), Duration::from_secs(180))?;
         for &n in &a.samples {
-            match measure(&vm, load, n, &a) {
-                Ok(r) => out.loads.push(r),
-                Err(e) => {
-                    let _ = vm.shutdown(Duration::from_secs(120));
-                    return Err(e);
+            // An exact sampler is never thinned: one budget is enough for it.
+            let budgets = if n == 1 { &a.fault_budgets[..a.fault_budgets.len().min(1)] } else { &a.fault_budgets[..] };
+            for &budget in budgets {
+                match measure(&vm, load, n, budget, &a) {
+                    Ok(r) => out.loads.push(r),
+                    Err(e) => {
+                        let _ = vm.shutdown(Duration::from_secs(120));
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -112,20 +134,29 @@ pub fn wss_bench(a: WssBenchArgs) -> Result<u8> {
     Ok(0)
 }
 
-fn measure(vm: &FerryVm, load: &str, sample: u64, a: &WssBenchArgs) -> Result<WssBenchLoad> {
+fn measure(vm: &FerryVm, load: &str, sample: u64, budget: u64, a: &WssBenchArgs) -> Result<WssBenchLoad> {
     let phase = Duration::from_secs(a.phase_s.max(1));
     let (mut without, mut with) = (Vec::new(), Vec::new());
-    let (mut per_interval, mut busy) = (0.0, 0.0);
+    let (mut share_without, mut share_with) = (Vec::new(), Vec::new());
+    let pid = vm.kid.child.id();
+    // Share of [t0, now] the vCPU threads were on a CPU, from schedstat.
+    let cpu_at = || -> u64 { vcpu_sched(pid).iter().map(|(_, cpu, _)| cpu).sum() };
+    let share =
+        |c0: u64, c1: u64, t0: Instant| c1.saturating_sub(c0) as f64 / (t0.elapsed().as_nanos() as f64).max(1.0);
+    let (mut per_interval, mut busy, mut final_one_in) = (0.0, 0.0, sample);
     for _ in 0..a.pairs.max(1) {
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_at());
         std::thread::sleep(phase);
+        share_without.push(share(c0, cpu_at(), t0));
         without.push(vm.rate_in(t0, Instant::now()).context("no guest progress without sampling")?);
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_at());
         let o = Command::new(ferry_exe()?)
             .args(["wss", "--api-sock", &vm.sock.to_string_lossy(), "--interval", &a.interval])
             .args(["--duration", &format!("{}s", a.phase_s.max(1)), "--sample", &sample.to_string(), "--json"])
+            .args(["--fault-budget", &budget.to_string()])
             .stdin(Stdio::null())
             .output()?;
+        share_with.push(share(c0, cpu_at(), t0));
         let t1 = Instant::now();
         if !o.status.success() {
             bail!("ferry wss failed: {}", String::from_utf8_lossy(&o.stderr).trim());
@@ -136,15 +167,25 @@ fn measure(vm: &FerryVm, load: &str, sample: u64, a: &WssBenchArgs) -> Result<Ws
         if !samples.is_empty() {
             per_interval = samples.iter().filter_map(|s| s["pages"].as_f64()).sum::<f64>() / samples.len() as f64;
         }
+        final_one_in = v["report"]["sample_one_in"].as_u64().unwrap_or(sample);
         busy = v["report"]["sampler_busy_ms"].as_f64().unwrap_or(0.0) / (a.phase_s.max(1) as f64 * 1e3) * 100.0;
     }
     let (mw, mo) = (median(&without), median(&with));
+    let per_cpu = |rates: &[f64], shares: &[f64]| -> f64 {
+        median(&rates.iter().zip(shares).map(|(r, s)| if *s > 0.0 { r / s } else { 0.0 }).collect::<Vec<_>>())
+    };
+    let (cw, co) = (per_cpu(&without, &share_without), per_cpu(&with, &share_with));
     Ok(WssBenchLoad {
         load: load.to_string(),
         sample_one_in: sample,
+        fault_budget_per_s: budget,
+        final_one_in,
         median_without: mw,
         median_with: mo,
         slowdown_percent: if mw > 0.0 { (1.0 - mo / mw) * 100.0 } else { 0.0 },
+        slowdown_per_cpu_percent: if cw > 0.0 { (1.0 - co / cw) * 100.0 } else { 0.0 },
+        cpu_share_without: share_without,
+        cpu_share_with: share_with,
         without,
         with,
         pages_per_interval: per_interval,
@@ -160,20 +201,36 @@ fn print(b: &WssBench) {
         b.phase_s
     );
     println!(
-        "{:<24} {:>7} {:>16} {:>16} {:>10} {:>16} {:>14}",
-        "workload", "sample", "without (p/s)", "with (p/s)", "slowdown", "pages/interval", "sampler busy"
+        "{:<24} {:>7} {:>7} {:>7} {:>16} {:>16} {:>10} {:>12} {:>10} {:>16} {:>14}",
+        "workload",
+        "sample",
+        "budget",
+        "final",
+        "without (p/s)",
+        "with (p/s)",
+        "slowdown",
+        "per CPU s",
+        "vCPU on",
+        "pages/interval",
+        "sampler busy"
     );
     for l in &b.loads {
         println!(
-            "{:<24} {:>7} {:>16.0} {:>16.0} {:>9.1}% {:>16.0} {:>13.3}%",
+            "{:<24} {:>7} {:>7} {:>7} {:>16.0} {:>16.0} {:>9.1}% {:>11.1}% {:>9.0}% {:>16.0} {:>13.3}%",
             l.load,
             format!("1/{}", l.sample_one_in),
+            if l.fault_budget_per_s == 0 { "fixed".to_string() } else { format!("{}/s", l.fault_budget_per_s) },
+            format!("1/{}", l.final_one_in),
             l.median_without,
             l.median_with,
             l.slowdown_percent,
+            l.slowdown_per_cpu_percent,
+            median(&l.cpu_share_with) * 100.0,
             l.pages_per_interval,
             l.sampler_busy_percent
         );
     }
-    println!("(sample 1/N: the sampler tracked one page in N and scaled its counts by N; 1/1 is exact)");
+    println!("(sample 1/N: the sampler tracked one page in N and scaled its counts by N; 1/1 is exact;");
+    println!(" budget: most sampled page writes per second before the sampler thins its sample; final: the sample it ended with;");
+    println!(" per CPU s: the slowdown of progress per second the vCPU was on a CPU; vCPU on: its share of the phase, sampling)");
 }

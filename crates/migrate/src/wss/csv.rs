@@ -38,14 +38,17 @@ mod tests {
             populated_pages: 10,
             zero_pages: 0,
             samples: vec![
-                WssSample { t_ms: 100.5, ms: 100.5, pages: 3, pages_per_s: 29.85 },
-                WssSample { t_ms: 200.0, ms: 99.5, pages: 0, pages_per_s: 0.0 },
+                WssSample { t_ms: 100.5, ms: 100.5, pages: 3, pages_per_s: 29.85, sample_one_in: 1 },
+                WssSample { t_ms: 200.0, ms: 99.5, pages: 0, pages_per_s: 0.0, sample_one_in: 1 },
             ],
             windows: vec![],
             distinct_pages: 3,
             sampler_busy_ms: 0.1,
             max_late_ms: 0.5,
             sample_one_in: 1,
+            sample_one_in_requested: 1,
+            fault_budget_per_s: 0,
+            sample_changes: vec![],
         };
         let csv = samples_csv(&r);
         let lines: Vec<&str> = csv.lines().collect();

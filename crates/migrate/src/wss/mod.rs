@@ -53,6 +53,27 @@ pub struct WssRequest {
     /// counts are scaled up by it. Default [`DEFAULT_SAMPLE_ONE_IN`].
     #[serde(default = "default_sample")]
     pub sample_one_in: u64,
+    /// Most sampled pages per second the guest may fault on (0: keep the
+    /// sample as asked). Each sampled page the guest writes costs it one
+    /// write fault per interval, and on a software-paging host a fault
+    /// costs ~100 us, so a fixed sample of a guest that rewrites a large
+    /// set can cost it tens of percent. Past the budget the sampler thins
+    /// its sample (doubling N as often as needed, never back within a run)
+    /// and reports each change. Default [`DEFAULT_FAULT_BUDGET_PER_S`];
+    /// an exact sampler (`sample_one_in` 1) is never thinned.
+    #[serde(default = "default_fault_budget")]
+    pub fault_budget_per_s: u64,
+}
+
+/// The default fault budget of a sampler: 100 sampled page writes per
+/// second, ~1% of a vCPU at ~100 us a fault (see [`WssRequest::fault_budget_per_s`]).
+pub const DEFAULT_FAULT_BUDGET_PER_S: u64 = 100;
+
+/// Largest fault budget a request may ask for.
+pub const MAX_FAULT_BUDGET_PER_S: u64 = 1_000_000;
+
+fn default_fault_budget() -> u64 {
+    DEFAULT_FAULT_BUDGET_PER_S
 }
 
 /// The default dirty-log sample: one page in 64 (see [`WssRequest::sample_one_in`]).
@@ -90,6 +111,12 @@ impl WssRequest {
                 "sample_one_in {} must be a power of two from 1 (exact) to {}",
                 self.sample_one_in,
                 ferry_vmm::dirty::MAX_SAMPLE_ONE_IN
+            ));
+        }
+        if self.fault_budget_per_s > MAX_FAULT_BUDGET_PER_S {
+            return bad(format!(
+                "fault_budget_per_s {} exceeds {MAX_FAULT_BUDGET_PER_S} (0 keeps the sample fixed)",
+                self.fault_budget_per_s
             ));
         }
         let samples = self.duration_ms / self.interval_ms;
@@ -151,6 +178,10 @@ pub struct WssSample {
     pub pages: u64,
     /// Dirty rate, pages per second.
     pub pages_per_s: f64,
+    /// The sample this interval was tracked with (one page in this many);
+    /// `pages` is its count times this.
+    #[serde(default = "one")]
+    pub sample_one_in: u64,
 }
 
 /// Distinct pages dirtied over windows of one length.
@@ -168,18 +199,6 @@ pub struct WssWindow {
     pub max_pages: u64,
     /// Smallest window.
     pub min_pages: u64,
-}
-
-impl WssWindow {
-    /// The window's page counts times `n` (a sample of one page in `n`).
-    pub fn scaled(self, n: u64) -> Self {
-        WssWindow {
-            mean_pages: self.mean_pages * n as f64,
-            max_pages: self.max_pages * n,
-            min_pages: self.min_pages * n,
-            ..self
-        }
-    }
 }
 
 /// What a sampling run measured.
@@ -211,6 +230,30 @@ pub struct WssReport {
     /// above is the sample's count times this (an estimate when above 1).
     #[serde(default = "one")]
     pub sample_one_in: u64,
+    /// The sample the run was asked to start with.
+    #[serde(default = "one")]
+    pub sample_one_in_requested: u64,
+    /// The fault budget it kept to (0: none; the sample stayed fixed).
+    #[serde(default)]
+    pub fault_budget_per_s: u64,
+    /// Each time the sampler thinned its sample to stay within the budget.
+    #[serde(default)]
+    pub sample_changes: Vec<SampleChange>,
+}
+
+/// The sampler thinned its sample after an interval that faulted more than its budget allows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SampleChange {
+    /// After which interval (1-based).
+    pub after_sample: u64,
+    /// Sampled pages the guest wrote in that interval.
+    pub sampled_pages: u64,
+    /// The budget per interval they exceeded.
+    pub budget_pages: f64,
+    /// Density before, one page in this many.
+    pub from_one_in: u64,
+    /// Density after.
+    pub to_one_in: u64,
 }
 
 /// What `ferry wss` reports: the measurement and, with `--bandwidth`, the
@@ -264,7 +307,9 @@ mod tests {
 
     #[test]
     fn request_limits() {
-        let r = |interval_ms, duration_ms| WssRequest { interval_ms, duration_ms, sample_one_in: 64 }.validate();
+        let r = |interval_ms, duration_ms| {
+            WssRequest { interval_ms, duration_ms, sample_one_in: 64, fault_budget_per_s: 100 }.validate()
+        };
         assert_eq!(r(100, 10_000).unwrap(), 100);
         assert!(r(0, 1000).is_err());
         assert!(r(9, 1000).is_err());

@@ -189,6 +189,9 @@ mod tests {
             sampler_busy_ms: 1.0,
             max_late_ms: 0.5,
             sample_one_in: 1,
+            sample_one_in_requested: 1,
+            fault_budget_per_s: 0,
+            sample_changes: vec![],
         }
     }
 
@@ -206,7 +209,13 @@ mod tests {
     #[test]
     fn chart_with_a_forecast() {
         let samples = (1..=10)
-            .map(|i| WssSample { t_ms: f64::from(i) * 100.0, ms: 100.0, pages: 400 + i as u64, pages_per_s: 4000.0 })
+            .map(|i| WssSample {
+                t_ms: f64::from(i) * 100.0,
+                ms: 100.0,
+                pages: 400 + i as u64,
+                pages_per_s: 4000.0,
+                sample_one_in: 1,
+            })
             .collect();
         let r = report(samples, vec![window(1, 400.0), window(5, 2000.0), window(10, 2050.0)]);
         let p = predict(&r, &PredictParams::migrate_defaults(40 << 20));
@@ -226,7 +235,8 @@ mod tests {
         let path = dir.path().join("e.svg");
         plot_wss(&report(vec![], vec![]), None, &path).unwrap();
         assert!(std::fs::read_to_string(&path).unwrap().contains("nothing to plot"));
-        let bad = vec![WssSample { t_ms: f64::NAN, ms: -1.0, pages: u64::MAX, pages_per_s: f64::INFINITY }];
+        let bad =
+            vec![WssSample { t_ms: f64::NAN, ms: -1.0, pages: u64::MAX, pages_per_s: f64::INFINITY, sample_one_in: 1 }];
         plot_wss(&report(bad, vec![window(1, f64::NAN), window(2, 1e300)]), None, &path).unwrap();
         let err = plot_wss(&report(vec![], vec![]), None, Path::new("/nonexistent/dir/x.svg")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/dir/x.svg"), "{err}");

@@ -220,6 +220,9 @@ mod tests {
             sampler_busy_ms: 0.0,
             max_late_ms: 0.0,
             sample_one_in: 1,
+            sample_one_in_requested: 1,
+            fault_budget_per_s: 0,
+            sample_changes: vec![],
         }
     }
 

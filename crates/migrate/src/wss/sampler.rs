@@ -15,7 +15,7 @@ use ferry_vmm::{DirtyConsumer, RunState, Vm};
 use serde::{Deserialize, Serialize};
 
 use super::windows::Windows;
-use super::{WssEnd, WssError, WssReport, WssRequest, WssSample, PAGE_BYTES};
+use super::{SampleChange, WssEnd, WssError, WssReport, WssRequest, WssSample, PAGE_BYTES};
 use crate::precopy::{count, is_zero, resident};
 
 /// Longest the sampler thread sleeps before looking whether the VM stopped.
@@ -95,14 +95,14 @@ pub fn start(vm: &Arc<Vm>, req: &WssRequest) -> Result<WssStarted, WssError> {
         return Err(WssError::Busy { id: *id, done: done.load(Ordering::Relaxed), planned: *planned });
     }
     // The view starts now, so the first interval counts from here.
-    let view = vm.sampled_dirty_view(DirtyConsumer::WorkingSet, req.sample_one_in)?;
+    let mut view = vm.sampled_dirty_view(DirtyConsumer::WorkingSet, req.sample_one_in)?;
     let id = j.next_id;
     let done = Arc::new(AtomicU64::new(0));
     let (vm2, req2, done2) = (vm.clone(), req.clone(), done.clone());
     std::thread::Builder::new()
         .name("wss".into())
         .spawn(move || {
-            let result = run(&vm2, &view, &req2, planned, &done2);
+            let result = run(&vm2, &mut view, &req2, planned, &done2);
             drop(view);
             jobs().slot = match result {
                 Ok(report) => Slot::Done { id, report: Box::new(report) },
@@ -148,23 +148,38 @@ fn sleep_until(vm: &Vm, due: Instant) -> bool {
     }
 }
 
+/// The density a sampler moves to after an interval in which the guest
+/// wrote `sampled` of its sampled pages, against `budget` such writes per
+/// interval (each costs a write fault in the next interval too): `one_in`
+/// times the power of two that brings the count within the budget, up to
+/// [`ferry_vmm::dirty::MAX_SAMPLE_ONE_IN`]; `None` when it fits.
+pub fn thinned(one_in: u64, sampled: u64, budget: f64) -> Option<u64> {
+    let max = ferry_vmm::dirty::MAX_SAMPLE_ONE_IN;
+    if budget <= 0.0 || sampled as f64 <= budget || one_in <= 1 || one_in >= max {
+        return None;
+    }
+    let factor = ((sampled as f64 / budget).ceil() as u64).next_power_of_two().max(2);
+    Some(one_in.saturating_mul(factor).min(max))
+}
+
 fn run(
     vm: &Vm,
-    view: &ferry_vmm::DirtyView,
+    view: &mut ferry_vmm::DirtyView,
     req: &WssRequest,
     planned: u64,
     done: &AtomicU64,
 ) -> Result<WssReport, WssError> {
     let regions = vm.ram().regions().to_vec();
-    let words: Vec<usize> = regions.iter().map(|r| (r.len / PAGE_BYTES).div_ceil(64) as usize).collect();
-    let mut windows = Windows::new(planned, &words);
+    let frames: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa / PAGE_BYTES, r.len / PAGE_BYTES)).collect();
+    let mut windows = Windows::new(planned, &frames);
     let mut samples = Vec::with_capacity(planned as usize);
     let interval = Duration::from_millis(req.interval_ms);
     let t0 = Instant::now();
     let mut last = t0;
     let (mut busy_ms, mut max_late_ms) = (0.0f64, 0.0f64);
     let mut end = WssEnd::Completed;
-    let scale = view.sample_one_in();
+    let requested = req.sample_one_in;
+    let mut changes = Vec::new();
     for i in 1..=planned {
         // Due times from the start, so lateness does not accumulate.
         let due = t0 + interval * i as u32;
@@ -185,18 +200,36 @@ fn run(
         let len = ms(taken - last);
         last = taken;
         // The view holds only its sample: scale to an estimate of all pages.
-        let pages = count(&bits) * scale;
-        windows.push(&bits, len);
+        let scale = view.sample_one_in();
+        let sampled = count(&bits);
+        let pages = sampled * scale;
+        windows.push(&bits, len, scale);
         samples.push(WssSample {
             t_ms: ms(taken - t0),
             ms: len,
             pages,
             pages_per_s: if len > 0.0 { pages as f64 / (len / 1e3) } else { 0.0 },
+            sample_one_in: scale,
         });
+        // Keep the guest's faults on sampled pages within the budget.
+        let budget = (req.fault_budget_per_s as f64 * len / 1e3).max(1.0);
+        if req.fault_budget_per_s > 0 {
+            if let Some(to) = thinned(scale, sampled, budget) {
+                let now = view.thin_sample(to)?;
+                changes.push(SampleChange {
+                    after_sample: i,
+                    sampled_pages: sampled,
+                    budget_pages: budget,
+                    from_one_in: scale,
+                    to_one_in: now,
+                });
+            }
+        }
         max_late_ms = max_late_ms.max(ms(taken.saturating_duration_since(due)));
         busy_ms += ms(taken.elapsed());
         done.store(i, Ordering::Relaxed);
     }
+    let scale = view.sample_one_in();
     // What a pre-copy's round 1 would look at: resident pages, and how
     // many of them are zero (a read of populated memory, once).
     let (mut populated, mut zero) = (0u64, 0u64);
@@ -224,10 +257,31 @@ fn run(
         populated_pages: populated,
         zero_pages: zero,
         samples,
-        windows: windows.report().into_iter().map(|w| w.scaled(scale)).collect(),
-        distinct_pages: windows.distinct() * scale,
+        windows: windows.report(),
+        distinct_pages: windows.distinct(),
         sampler_busy_ms: busy_ms,
         max_late_ms,
         sample_one_in: scale,
+        sample_one_in_requested: requested,
+        fault_budget_per_s: req.fault_budget_per_s,
+        sample_changes: changes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thinned;
+
+    #[test]
+    fn thinning_brings_the_faults_within_the_budget() {
+        // 256 sampled writes against 10 a interval: 32x thinner (256/32 = 8 <= 10).
+        assert_eq!(thinned(64, 256, 10.0), Some(2048));
+        assert_eq!(thinned(64, 10, 10.0), None);
+        assert_eq!(thinned(64, 11, 10.0), Some(128));
+        // Capped, and never for an exact sampler or without a budget.
+        assert_eq!(thinned(2048, 100_000, 1.0), Some(ferry_vmm::dirty::MAX_SAMPLE_ONE_IN));
+        assert_eq!(thinned(ferry_vmm::dirty::MAX_SAMPLE_ONE_IN, 100, 1.0), None);
+        assert_eq!(thinned(1, 100_000, 1.0), None);
+        assert_eq!(thinned(64, 100_000, 0.0), None);
+    }
 }
