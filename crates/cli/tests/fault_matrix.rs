@@ -797,10 +797,17 @@ fn go_lost_over_tls_is_settled_by_resume_over_tls() {
     let relay = TlsRelay::start(&addr);
     let sargs = tls_args(ca.path(), "src");
     let mut args: Vec<&str> = sargs.iter().map(String::as_str).collect();
-    // Uncompressed, so that memory moving is plain to see in record sizes.
-    args.extend(["--peer-timeout-ms", PEER_TIMEOUT_MS, "--compress", "none"]);
+    // Uncompressed, so that memory moving is plain to see in record sizes;
+    // a generous pause budget, since the relay forwards record by record
+    // and the last rounds' delivery rate is low (this is about the settle).
+    args.extend(["--peer-timeout-ms", PEER_TIMEOUT_MS, "--compress", "none", "--downtime-ms", "500"]);
     let o = migrate(&ssock, &relay.addr, &args);
-    assert!(relay.fired.try_recv().is_ok(), "{case}: the relay cut the link at Go");
+    assert!(
+        relay.fired.try_recv().is_ok(),
+        "{case}: the relay cut the link at Go; migrate said: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
     let id = source_in_doubt(&ssock, &o, case);
     assert_eq!(http_get(&ssock, "/vm/migration")["result"]["transport"], "tls", "{case}");
     destination_holding(&mut dst, &dsock, case);
