@@ -881,3 +881,29 @@ fn keep_paused_after_a_settle_keeps_a_paused_copy_that_refuses_every_operation()
     assert!(o.status.success(), "{case}");
     assert_eq!(dst.wait_exit(secs(30)).code(), Some(0), "{case}");
 }
+
+#[test]
+fn every_link_fault_at_go_and_running_in_postcopy_is_settled_by_resume() {
+    for phase in [Phase::Go, Phase::Running] {
+        for fault in [Fault::Stall, Fault::Corrupt] {
+            let case = format!("postcopy: {fault:?} at {phase:?}");
+            let (mut src, ssock) = source();
+            let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+            let relay = Relay::start(&addr, Some(phase), fault);
+            let o = migrate_mode_through(&ssock, &relay, "postcopy");
+            assert!(relay.fired.try_recv().is_ok(), "{case}: the relay struck");
+            let id = source_in_doubt(&ssock, &o, &case);
+            if phase == Phase::Go {
+                // Held back or damaged: the destination never read an intact Go.
+                destination_holding(&mut dst, &dsock, &case);
+            } else {
+                // It had Go; its page link is gone (cut by the source, or timed out).
+                dst.wait_stderr("post-copy link lost", secs(30));
+            }
+            let o = settle(&ssock, &["--resume"]);
+            postcopy_completed_after_settle(&o, &id, "postcopy", &case);
+            relay.ctl.cut();
+            runs_at_destination_only(&mut src, &mut dst, &dsock, &case);
+        }
+    }
+}
