@@ -211,13 +211,15 @@ struct MigrateArgs {
     /// Finish a post-copy migration whose link was lost (state
     /// postcopy-paused), or settle a commit in doubt (state
     /// commit-unconfirmed: the destination is asked whether it runs the
-    /// guest and made to run it if not), over a new connection to the same
-    /// destination.
+    /// guest and made to run it if not; in post-copy and hybrid the pages it
+    /// lacks are then pushed as for postcopy-paused), over a new connection
+    /// to the same destination.
     #[arg(long, conflicts_with_all = ["to", "take_back"])]
     resume: bool,
     /// Settle a commit in doubt (commit-unconfirmed) the other way: the
     /// destination drops its copy if it never got Go, and the guest runs
-    /// here again (if the destination runs it, the migration completes).
+    /// here again (if the destination runs it, the migration completes; in
+    /// post-copy and hybrid after the pages it lacks are pushed).
     #[arg(long, conflicts_with = "to")]
     take_back: bool,
     /// With --take-back: do not ask the destination, resume the guest here.

@@ -11,7 +11,10 @@
 //! After the source has written `Go` the guest is no longer the source's to
 //! resume: the last tests lose `Go` or `Running` on the way and check that
 //! the commit is settled (`ferry migrate --resume`, `--take-back`) with the
-//! guest running on exactly one side, never on two.
+//! guest running on exactly one side, never on two: in pre-copy, over TLS
+//! (a relay that sees only TLS records), with `--keep-paused`, and in
+//! post-copy and hybrid, where a settle that gives the guest to the
+//! destination goes on with a post-copy resume for the pages it lacks.
 
 mod common;
 use common::*;
@@ -181,6 +184,9 @@ fn pump(
         }
         if hit {
             done = true;
+            // Said before the fault strikes, so that whoever sees its effect
+            // (a source whose migration just failed) finds it said.
+            let _ = fired.send(format!("{phase:?}: frame kind {kind}"));
             match fault {
                 Fault::Drop => ctl.cut(),
                 Fault::Corrupt => {
@@ -191,7 +197,6 @@ fn pump(
                 }
                 _ => ctl.frozen.store(true, Ordering::SeqCst),
             }
-            let _ = fired.send(format!("{phase:?}: frame kind {kind}"));
         }
         let deadline = Instant::now() + Duration::from_secs(120);
         while ctl.frozen.load(Ordering::SeqCst) && !ctl.cut.load(Ordering::SeqCst) && Instant::now() < deadline {
@@ -567,6 +572,336 @@ fn every_link_fault_after_go_is_settled_by_resume() {
             assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
             let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
             assert_eq!(v["state"], "completed", "{case}: {v}");
+            relay.ctl.cut();
+            runs_at_destination_only(&mut src, &mut dst, &dsock, &case);
+        }
+    }
+}
+
+// Post-copy and hybrid: the same commit, with pages still to follow.
+
+/// `ferry migrate --mode MODE` through `relay`. Hybrid runs two rounds
+/// with a budget of 0 ms, so that it always switches to post-copy with
+/// what round 2 left dirty (a converged hybrid may defer nothing).
+fn migrate_mode_through(ssock: &Path, relay: &Relay, mode: &str) -> std::process::Output {
+    let mut args = vec!["--peer-timeout-ms", PEER_TIMEOUT_MS, "--mode", mode];
+    if mode == "hybrid" {
+        args.extend(["--downtime-ms", "0", "--max-rounds", "2"]);
+    }
+    migrate(ssock, &relay.addr(), &args)
+}
+
+/// The source in doubt kept what a post-copy resume needs: the mode, and
+/// the pages it deferred (which only it has).
+fn deferred_pages_kept(ssock: &Path, mode: &str, case: &str) {
+    let m = http_get(ssock, "/vm/migration");
+    assert_eq!(m["result"]["mode"], mode, "{case}: {m}");
+    assert!(m["result"]["postcopy"]["deferred_pages"].as_u64().unwrap_or(0) > 0, "{case}: {m}");
+    if mode == "hybrid" {
+        assert!(!m["result"]["rounds"].as_array().unwrap().is_empty(), "{case}: hybrid ran rounds first: {m}");
+    }
+}
+
+/// The settle completed a post-copy: the destination got every deferred
+/// page over page streams opened again by the resume.
+fn postcopy_completed_after_settle(o: &std::process::Output, id: &str, mode: &str, case: &str) {
+    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "completed", "{case}: {v}");
+    assert_eq!(v["migration_id"], id, "{case}: {v}");
+    assert_eq!(v["mode"], mode, "{case}: {v}");
+    let pc = &v["postcopy"];
+    let deferred = pc["deferred_pages"].as_u64().unwrap();
+    let d = &pc["destination"];
+    assert!(d.is_object(), "{case}: the destination reported its figures: {v}");
+    assert!(
+        d["pages_pushed"].as_u64().unwrap() + d["pages_requested"].as_u64().unwrap() >= deferred,
+        "{case}: every deferred page arrived: {v}"
+    );
+    assert_eq!(pc["resumes"], 1, "{case}: the page streams were opened once more: {v}");
+    assert_eq!(d["resumes"], 1, "{case}: {v}");
+}
+
+/// `Go` lost in post-copy or hybrid, then `--resume`: the destination ran
+/// nothing while in doubt, gets `Go` over the settle, and the post-copy
+/// resume brings the pages; the guest continues there only.
+fn postcopy_go_lost_then_resume(mode: &str) {
+    let case = format!("{mode}: Go lost, then --resume");
+    let (mut src, ssock) = source();
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+    let relay = Relay::start(&addr, Some(Phase::Go), Fault::Drop);
+    let o = migrate_mode_through(&ssock, &relay, mode);
+    assert!(relay.fired.try_recv().is_ok(), "{case}: the relay swallowed Go");
+    let id = source_in_doubt(&ssock, &o, &case);
+    deferred_pages_kept(&ssock, mode, &case);
+    destination_holding(&mut dst, &dsock, &case);
+    assert_eq!(http_get(&dsock, "/vm")["migration"]["migration_id"], id.as_str(), "{case}");
+    let o = settle(&ssock, &["--resume"]);
+    postcopy_completed_after_settle(&o, &id, mode, &case);
+    relay.ctl.cut();
+    runs_at_destination_only(&mut src, &mut dst, &dsock, &case);
+}
+
+#[test]
+fn postcopy_go_lost_is_settled_by_resume_and_the_pages_follow() {
+    postcopy_go_lost_then_resume("postcopy");
+}
+
+#[test]
+fn hybrid_go_lost_is_settled_by_resume_and_the_pages_follow() {
+    postcopy_go_lost_then_resume("hybrid");
+}
+
+#[test]
+fn postcopy_go_lost_and_taken_back_runs_the_guest_at_the_source_again() {
+    let case = "postcopy: Go lost, taken back";
+    let (mut src, ssock) = source();
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+    let relay = Relay::start(&addr, Some(Phase::Go), Fault::Drop);
+    let o = migrate_mode_through(&ssock, &relay, "postcopy");
+    assert!(relay.fired.try_recv().is_ok(), "{case}: the relay swallowed Go");
+    source_in_doubt(&ssock, &o, case);
+    deferred_pages_kept(&ssock, "postcopy", case);
+    destination_holding(&mut dst, &dsock, case);
+    // The source still has every page: it takes the guest back whole.
+    let o = settle(&ssock, &["--take-back"]);
+    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "cancelled", "{case}: {v}");
+    assert_eq!(http_get(&ssock, "/vm/migration")["state"], "cancelled", "{case}");
+    dst.wait_stderr("takes the guest back", secs(30));
+    destination_ran_nothing(&mut dst, case);
+    source_still_fine(&mut src, &ssock, case);
+}
+
+#[test]
+fn postcopy_running_lost_is_settled_by_resume_and_the_push_goes_on() {
+    let case = "postcopy: Running lost, then --resume";
+    let (mut src, ssock) = source();
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+    let relay = Relay::start(&addr, Some(Phase::Running), Fault::Drop);
+    let o = migrate_mode_through(&ssock, &relay, "postcopy");
+    assert!(relay.fired.try_recv().is_ok(), "{case}: the relay swallowed Running");
+    let id = source_in_doubt(&ssock, &o, case);
+    deferred_pages_kept(&ssock, "postcopy", case);
+    // The destination got Go; with its page streams gone it pauses the guest.
+    dst.wait_stderr("post-copy link lost", secs(30));
+    // The settle hears Running (nothing is sent twice), then the post-copy
+    // resume pushes what the destination still lacks.
+    let o = settle(&ssock, &["--resume"]);
+    dst.wait_stderr("runs here", secs(10));
+    postcopy_completed_after_settle(&o, &id, "postcopy", case);
+    runs_at_destination_only(&mut src, &mut dst, &dsock, case);
+}
+
+// Two more for the pre-copy settle: over TLS, and with --keep-paused.
+
+/// A TCP relay for TLS connections: it sees only TLS records, so it finds
+/// `Go` by the frames' shape. Every frame is written as separate records
+/// (header, payload, tag); the destination's `Ready` is the only frame whose
+/// payload record is 39 bytes long (22 bytes of `{"memory_digest":null}`
+/// plus TLS 1.3's type byte and 16-byte tag) once memory has moved (the
+/// handshake's records come before), and the source sends `Go` right
+/// after it: the first record from the source after that record is
+/// Go's header, and the relay cuts the first connection there. Later
+/// connections (the settle) are forwarded untouched.
+struct TlsRelay {
+    addr: String,
+    fired: Receiver<()>,
+}
+
+impl TlsRelay {
+    fn start(to: &str) -> TlsRelay {
+        use std::net::{TcpListener, TcpStream};
+        let to = to.trim_start_matches("tcp://").to_string();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("tcp://{}", l.local_addr().unwrap());
+        let (tx, fired) = channel();
+        std::thread::spawn(move || {
+            for n in 0..16 {
+                let Ok((a, _)) = l.accept() else { return };
+                let Ok(b) = TcpStream::connect(&to) else { continue };
+                let ready_seen = Arc::new((AtomicBool::new(false), std::sync::atomic::AtomicUsize::new(0)));
+                let socks = Arc::new(Mutex::new(vec![a.try_clone().unwrap(), b.try_clone().unwrap()]));
+                let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+                let (rs, sk) = (ready_seen.clone(), socks.clone());
+                std::thread::spawn(move || tls_pump(b2, a2, false, n == 0, &rs, &sk, None));
+                let tx = tx.clone();
+                std::thread::spawn(move || tls_pump(a, b, true, n == 0, &ready_seen, &socks, Some(tx)));
+            }
+        });
+        TlsRelay { addr, fired }
+    }
+}
+
+/// Forwards TLS records from `from` to `to` (`source_side`: the source's
+/// direction); on the first connection, drops Go as [`TlsRelay`] says.
+fn tls_pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    source_side: bool,
+    strike: bool,
+    (ready_seen, sent): &(AtomicBool, std::sync::atomic::AtomicUsize),
+    socks: &Mutex<Vec<std::net::TcpStream>>,
+    fired: Option<Sender<()>>,
+) {
+    const APPLICATION_DATA: u8 = 0x17;
+    const READY_PAYLOAD_RECORD: usize = 22 + 1 + 16;
+    /// Round 1 of the guest's memory (uncompressed) has passed: the
+    /// handshake is long over.
+    const MEMORY_MOVED: usize = 256 << 10;
+    loop {
+        let mut rec = vec![0u8; 5];
+        if from.read_exact(&mut rec).is_err() {
+            break;
+        }
+        let n = u16::from_be_bytes([rec[3], rec[4]]) as usize;
+        rec.resize(5 + n, 0);
+        if from.read_exact(&mut rec[5..]).is_err() {
+            break;
+        }
+        if strike && rec[0] == APPLICATION_DATA {
+            if source_side {
+                sent.fetch_add(n, Ordering::SeqCst);
+            } else if n == READY_PAYLOAD_RECORD && sent.load(Ordering::SeqCst) >= MEMORY_MOVED {
+                ready_seen.store(true, Ordering::SeqCst);
+            }
+            if source_side && ready_seen.load(Ordering::SeqCst) {
+                if let Some(tx) = &fired {
+                    let _ = tx.send(());
+                }
+                for s in socks.lock().unwrap().iter() {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                return;
+            }
+        }
+        if to.write_all(&rec).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}
+
+#[test]
+fn go_lost_over_tls_is_settled_by_resume_over_tls() {
+    let case = "TLS: Go lost";
+    let ca = tempfile::tempdir().unwrap();
+    certs(ca.path(), &["src", "127.0.0.1"]);
+    let (mut src, ssock) = source();
+    let mut dargs = tls_args(ca.path(), "127.0.0.1");
+    dargs.extend(["--allow-peer", "src", "--peer-timeout-ms", PEER_TIMEOUT_MS].map(String::from));
+    let dargs: Vec<&str> = dargs.iter().map(String::as_str).collect();
+    let (mut dst, dsock, addr) = receiver("tcp://127.0.0.1:0", &dargs);
+    let relay = TlsRelay::start(&addr);
+    let sargs = tls_args(ca.path(), "src");
+    let mut args: Vec<&str> = sargs.iter().map(String::as_str).collect();
+    // Uncompressed, so that memory moving is plain to see in record sizes;
+    // a generous pause budget, since the relay forwards record by record
+    // and the last rounds' delivery rate is low (this is about the settle).
+    args.extend(["--peer-timeout-ms", PEER_TIMEOUT_MS, "--compress", "none", "--downtime-ms", "500"]);
+    let o = migrate(&ssock, &relay.addr, &args);
+    assert!(
+        relay.fired.try_recv().is_ok(),
+        "{case}: the relay cut the link at Go; migrate said: {}{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let id = source_in_doubt(&ssock, &o, case);
+    assert_eq!(http_get(&ssock, "/vm/migration")["result"]["transport"], "tls", "{case}");
+    destination_holding(&mut dst, &dsock, case);
+    // The settle opens a new TLS connection with the migration's files; the
+    // destination's allow-list applies to it again.
+    let o = settle(&ssock, &["--resume"]);
+    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "completed", "{case}: {v}");
+    assert_eq!(v["migration_id"], id.as_str(), "{case}: {v}");
+    assert_eq!(v["transport"], "tls", "{case}: {v}");
+    runs_at_destination_only(&mut src, &mut dst, &dsock, case);
+}
+
+#[test]
+fn keep_paused_after_a_settle_keeps_a_paused_copy_that_refuses_every_operation() {
+    let case = "Go lost, --keep-paused, then --resume";
+    let (mut src, ssock) = source();
+    let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+    let relay = Relay::start(&addr, Some(Phase::Go), Fault::Drop);
+    let o = migrate(&ssock, &relay.addr(), &["--peer-timeout-ms", PEER_TIMEOUT_MS, "--keep-paused"]);
+    assert!(relay.fired.try_recv().is_ok(), "{case}: the relay swallowed Go");
+    source_in_doubt(&ssock, &o, case);
+    destination_holding(&mut dst, &dsock, case);
+    let o = settle(&ssock, &["--resume"]);
+    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "completed", "{case}: {v}");
+    // The guest runs at the destination, intact.
+    dst.wait_line("PROGRESS", secs(30));
+    dst.send_line("verify");
+    assert!(dst.wait_line("VERIFY", secs(30)).starts_with("VERIFY OK"), "{case}");
+    // The source keeps its paused copy, as after a normal commit with
+    // --keep-paused: the process stays, the guest does not run, and every
+    // operation is refused with 409 naming where the guest went.
+    // (Lines the guest printed before its pause are read first.)
+    src.collect_for(Duration::from_millis(500));
+    let last = seqs(&src.seen).last().copied();
+    src.collect_for(Duration::from_millis(500));
+    assert!(src.child.try_wait().unwrap().is_none(), "{case}: the source keeps its copy");
+    assert_eq!(seqs(&src.seen).last().copied(), last, "{case}: the paused copy ran");
+    assert_eq!(api("status", &ssock)["state"], "paused", "{case}");
+    assert_eq!(http_get(&ssock, "/vm/migration")["state"], "completed", "{case}");
+    let body = format!(r#"{{"to":"{}"}}"#, relay.addr());
+    let snap = format!(r#"{{"path":"{}"}}"#, src.path("copy.img").display());
+    for (path, body) in [
+        ("/vm/resume", ""),
+        ("/vm/pause", ""),
+        ("/vm/shutdown", ""),
+        ("/vm/snapshot", snap.as_str()),
+        ("/vm/migrate", body.as_str()),
+        ("/vm/migration/resume", ""),
+        ("/vm/migration/take-back", ""),
+    ] {
+        let r =
+            raw_http(&ssock, format!("PUT {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+        assert!(r.starts_with("HTTP/1.1 409"), "{case}: {path}: {r}");
+    }
+    assert_eq!(api("status", &ssock)["state"], "paused", "{case}: nothing ran the copy");
+    // SIGTERM does not shut down a migrated copy (the guest lives elsewhere);
+    // it says so, and a second signal ends the process.
+    let pid = src.child.id() as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    src.wait_stderr("was not shut down", secs(30));
+    assert!(src.child.try_wait().unwrap().is_none(), "{case}");
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    src.wait_exit(secs(30));
+    assert_eq!(seqs(&src.seen).last().copied(), last, "{case}: the paused copy never ran again");
+    assert_eq!(api("status", &dsock)["state"], "running", "{case}");
+    let o = ferry_cmd(&["shutdown", "--api-sock", s(&dsock)]);
+    assert!(o.status.success(), "{case}");
+    assert_eq!(dst.wait_exit(secs(30)).code(), Some(0), "{case}");
+}
+
+#[test]
+fn every_link_fault_at_go_and_running_in_postcopy_is_settled_by_resume() {
+    for phase in [Phase::Go, Phase::Running] {
+        for fault in [Fault::Stall, Fault::Corrupt] {
+            let case = format!("postcopy: {fault:?} at {phase:?}");
+            let (mut src, ssock) = source();
+            let (mut dst, dsock, addr) = receiver("unix://DIR/mig.sock", &["--peer-timeout-ms", PEER_TIMEOUT_MS]);
+            let relay = Relay::start(&addr, Some(phase), fault);
+            let o = migrate_mode_through(&ssock, &relay, "postcopy");
+            assert!(relay.fired.try_recv().is_ok(), "{case}: the relay struck");
+            let id = source_in_doubt(&ssock, &o, &case);
+            if phase == Phase::Go {
+                // Held back or damaged: the destination never read an intact Go.
+                destination_holding(&mut dst, &dsock, &case);
+            } else {
+                // It had Go; its page link is gone (cut by the source, or timed out).
+                dst.wait_stderr("post-copy link lost", secs(30));
+            }
+            let o = settle(&ssock, &["--resume"]);
+            postcopy_completed_after_settle(&o, &id, "postcopy", &case);
             relay.ctl.cut();
             runs_at_destination_only(&mut src, &mut dst, &dsock, &case);
         }

@@ -475,7 +475,8 @@ impl VmController {
     }
 
     /// Finishes a post-copy whose link was lost, or settles a commit in
-    /// doubt in the destination's favour, over a new connection.
+    /// doubt in the destination's favour, over a new connection (and then,
+    /// in post-copy and hybrid, pushes the pages the destination lacks).
     pub fn resume_migration(&self) -> Result<MigrationStats, ControlError> {
         let ctx = self.postcopy_resume.lock().unwrap().take().ok_or(ControlError::NothingToResume)?;
         if ctx.pending == Unsettled::Commit {
@@ -512,7 +513,8 @@ impl VmController {
     /// Settles a commit in doubt in this side's favour: the destination is
     /// told to drop its copy, which it does only if it never got `Go`, and
     /// the guest runs here again (if it did get `Go`, the migration
-    /// completes instead). `force` skips asking: only for a destination
+    /// completes instead: in post-copy and hybrid by pushing the pages the
+    /// destination lacks). `force` skips asking: only for a destination
     /// known to be gone without having run the guest (it exited saying so).
     pub fn take_back_migration(&self, force: bool) -> Result<MigrationStats, ControlError> {
         let ctx = self.postcopy_resume.lock().unwrap().take().ok_or(ControlError::NothingToResume)?;
@@ -538,6 +540,17 @@ impl VmController {
             settle_commit(&self.vm_id, &mut ctx, &self.migration, want)
         };
         match r {
+            Ok(Settled::Running(_)) if ctx.is_postcopy() => {
+                // Settled: the guest is the destination's. Its missing pages
+                // are only here; the ordinary post-copy resume pushes them
+                // (and a failure of it leaves the post-copy paused, not the
+                // commit in doubt).
+                self.ops.lock().unwrap().in_doubt = None;
+                ctx.pending = Unsettled::Postcopy;
+                let r = resume_postcopy(&self.vm, &self.vm_id, &mut ctx, &self.migration);
+                let keep = r.as_ref().err().is_some_and(|e| e.is_postcopy_paused()).then_some(ctx);
+                self.finish_migration(started, &req, r, keep, turn)
+            }
             Ok(Settled::Running(stats)) => self.finish_migration(started, &req, Ok(stats), None, turn),
             Ok(Settled::TakenBack(stats)) => {
                 {

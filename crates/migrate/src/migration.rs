@@ -19,7 +19,10 @@
 //! the guest paused ([`MigrationState::CommitUnconfirmed`]), the destination
 //! keeps the loaded VM unrun for its commit wait, and [`settle_commit`] asks
 //! the destination over a new connection (`Settle`) whether it runs the
-//! guest, then sends `Go` again or takes the guest back.
+//! guest, then sends `Go` again or takes the guest back. In post-copy and
+//! hybrid the same holds; a settle that leaves the guest at the destination
+//! is followed by [`resume_postcopy`], the resume a lost post-copy link
+//! uses, because the old page streams went with the link.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -651,6 +654,15 @@ pub struct PostcopyResume {
     pub stats: MigrationStats,
 }
 
+impl PostcopyResume {
+    /// True when the migration defers pages (post-copy, or hybrid after
+    /// its rounds): once the destination has `Go`, the pages it lacks must
+    /// still be pushed from here.
+    pub fn is_postcopy(&self) -> bool {
+        self.stats.postcopy.is_some()
+    }
+}
+
 /// Source side of a migration, with the VM held by the caller for the
 /// whole call. On `Ok` the guest belongs to the destination (paused here,
 /// never to be resumed by this process); on `Err` the guest's state here is
@@ -875,16 +887,29 @@ pub fn migrate_out(
         Err(e) => Some(e.to_string()),
     };
     if let Some(why) = doubt {
-        if deferred.is_none() {
-            // Pre-copy (or local): the destination either runs the guest
-            // (it got Go) or holds it paused waiting for a settle. Only it
-            // can say which; until then the guest stays paused here.
+        let settle = accept.capabilities.iter().any(|c| c == CAP_SETTLE);
+        // A destination without commit-settle does not hold a post-copy
+        // whose Go was lost; its post-copy goes on (or pauses) as before.
+        if deferred.is_none() || settle {
+            // The destination either runs the guest (it got Go) or holds it
+            // paused waiting for a settle. Only it can say which; until then
+            // the guest stays paused here. In post-copy and hybrid the page
+            // streams are given up too: a settle that finds the guest
+            // running there goes on with a post-copy resume, which opens
+            // them again and learns from the destination what it lacks.
+            if let Some(deferred) = &deferred {
+                r.get_mut().cutter().cut();
+                if let Some((mut fr, _)) = fault.take() {
+                    fr.get_mut().cutter().cut();
+                }
+                stats.postcopy =
+                    Some(PostcopySourceStats { deferred_pages: count_bits(deferred), ..Default::default() });
+            }
             stats.total_ms = ms(t0.elapsed());
             stats.bytes_sent = w.bytes + extra.iter().sum::<u64>();
             stats.bytes_received = r.bytes;
             stats.state = MigrationState::CommitUnconfirmed;
             set(MigrationState::CommitUnconfirmed);
-            let settle = accept.capabilities.iter().any(|c| c == CAP_SETTLE);
             let why = if settle {
                 why
             } else {
@@ -1158,7 +1183,9 @@ pub enum Settled {
 
 /// Settles a commit in doubt over a new connection to the destination:
 /// asks with `Settle` whether it runs the guest. If it does, the migration
-/// is complete whatever `want` says. If it holds the paused VM without `Go`,
+/// is complete whatever `want` says (in post-copy and hybrid: committed,
+/// its missing pages still to be pushed by [`resume_postcopy`]; the stats
+/// say `postcopy-paused` until then). If it holds the paused VM without `Go`,
 /// `want` decides: `Go` now (and wait for `Running`), or `Abort` and the
 /// guest is this side's again. Safe to repeat: any failure leaves the
 /// commit in doubt, and the destination runs the guest only on a `Go`.
@@ -1174,7 +1201,13 @@ pub fn settle_commit(
     let mut p = progress.lock().unwrap();
     match r {
         Ok(running) => {
-            ctx.stats.state = if running { MigrationState::Completed } else { MigrationState::Cancelled };
+            ctx.stats.state = match (running, ctx.is_postcopy()) {
+                // The guest runs there, but part of its memory is only here:
+                // the caller goes on with a post-copy resume.
+                (true, true) => MigrationState::PostcopyPaused,
+                (true, false) => MigrationState::Completed,
+                (false, _) => MigrationState::Cancelled,
+            };
             p.state = Some(ctx.stats.state);
             Ok(if running { Settled::Running(ctx.stats.clone()) } else { Settled::TakenBack(ctx.stats.clone()) })
         }
@@ -1561,6 +1594,9 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         }
     }
     let mut pages_in: Option<Arc<PostcopyIncoming>> = None;
+    // A post-copy whose Go came through a settle: its page streams are
+    // opened again by the source's resume, not carried on from here.
+    let mut relink = false;
     let local = hello.capabilities.iter().any(|c| c == CAP_LOCAL);
     let mut local_ram: Option<Arc<GuestRam>> = None;
     if local {
@@ -1718,13 +1754,10 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
                 return Err(MigrationError::Wire(unexpected(0, "Go", &other)));
             }
             // The link failed (or Go arrived damaged): Go may have been
-            // sent. Post-copy cannot wait here (its pages follow on this
-            // stream); otherwise hold the loaded VM for a settle. This
-            // stream is never read again, so only a settle can bring Go.
-            Err(e) if postcopy => {
-                drop_vm();
-                return Err(MigrationError::Wire(e));
-            }
+            // sent. Hold the loaded VM for a settle. This stream is never
+            // read again, so only a settle can bring Go. In post-copy the
+            // page streams are gone with it: after a settle's Go they are
+            // opened again by a post-copy resume (`Resume`).
             Err(e) => {
                 let wait = opts.commit_wait;
                 eprintln!(
@@ -1740,6 +1773,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
                         eprintln!("ferry: the source settled the commit: Go");
                         r = sr;
                         w = sw;
+                        relink = postcopy;
                     }
                     SettleEnd::TakenBack(why) => {
                         drop_vm();
@@ -1759,6 +1793,13 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         opts.progress.lock().unwrap().commit_wait_left_ms = None;
         // Ours now: the lineage starts here.
         vm.lineage_log().and_then(|l| l.reset()).map_err(crate::Error::Vm)?;
+        if let (true, Some(pc)) = (relink, &pages_in) {
+            // The old page streams died with the link: the guest runs, and a
+            // vCPU touching a page still at the source waits until the
+            // source's resume (right after this Running) opens them again.
+            pc.attach_vm(&vm);
+            pc.await_resume("the commit was settled; waiting for the source to open the page streams again".into());
+        }
         if !opts.paused {
             vm.resume().map_err(crate::Error::Vm)?;
         }
@@ -1776,9 +1817,13 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         }
     }
     let mut got = result?;
-    if let (Some(pc), Some((fr, fw))) = (pages_in, fault) {
+    if let Some(pc) = pages_in {
         pc.attach_vm(&got.vm);
-        pc.start(r, w, fr, fw, opts.peer_timeout).map_err(|e| MigrationError::Engine(crate::Error::Mismatch(e)))?;
+        // When Go came through a settle the old fault stream is dead too,
+        // and is dropped here; the source's resume joins a new one.
+        if let (Some((fr, fw)), false) = (fault, relink) {
+            pc.start(r, w, fr, fw, opts.peer_timeout).map_err(|e| MigrationError::Engine(crate::Error::Mismatch(e)))?;
+        }
         got.postcopy = Some(IncomingPostcopy {
             pages: pc,
             migration_id: hello.migration_id.clone(),
@@ -1818,16 +1863,23 @@ fn accept_join(
     Ok((r, w))
 }
 
-/// Destination side of a paused post-copy: waits on `listener` for the
-/// source to reconnect with `Resume`, tells it which pages are still
-/// missing, and restarts the receivers. Returns when every page is in
-/// place, or post-copy failed for good, or `stop` is set.
+/// Destination side of a post-copy after the commit: waits on `listener`
+/// for the source to reconnect with `Resume` (the link was lost, or a
+/// settle brought `Go` over a new connection), tells it which pages are
+/// still missing, and restarts the receivers. A `Settle` of this migration
+/// (its source did not hear `Running`) is answered `Running`: the guest is
+/// this side's. Once every page is in place it goes on answering settles
+/// (as [`serve_commit_settles`]); it returns when post-copy failed for
+/// good, or `stop` is set.
 pub fn serve_postcopy_resumes(listener: &Listener, pc: &IncomingPostcopy, stop: &std::sync::atomic::AtomicBool) {
     use crate::postcopy::PostcopyPhase;
     use std::sync::atomic::Ordering;
     while !stop.load(Ordering::SeqCst) {
         match pc.pages.phase() {
-            PostcopyPhase::Completed | PostcopyPhase::Failed => return,
+            PostcopyPhase::Completed => {
+                return serve_commit_settles(listener, (&pc.migration_id, &pc.vm_id), pc.peer_timeout, stop)
+            }
+            PostcopyPhase::Failed => return,
             PostcopyPhase::Active | PostcopyPhase::Paused => {}
         }
         let (conn, peer) = match listener.accept(Duration::from_millis(500)) {
@@ -1835,24 +1887,31 @@ pub fn serve_postcopy_resumes(listener: &Listener, pc: &IncomingPostcopy, stop: 
             Err(_) => continue,
         };
         match resume_incoming(listener, conn, pc) {
-            Ok(()) => eprintln!("ferry: post-copy resumed by {}", peer.addr),
+            Ok(true) => eprintln!("ferry: post-copy resumed by {}", peer.addr),
+            Ok(false) => eprintln!("ferry: told {} that migration {} runs here", peer.addr, pc.migration_id),
             Err(e) => eprintln!("ferry: a post-copy resume from {} failed: {e}", peer.addr),
         }
     }
 }
 
+/// Serves one connection to a post-copy destination: a `Resume` (true once
+/// the receivers run again) or a `Settle`, answered `Running` (false).
 fn resume_incoming(
     listener: &Listener,
     conn: transport::Transport,
     pc: &IncomingPostcopy,
-) -> Result<(), MigrationError> {
+) -> Result<bool, MigrationError> {
     conn.set_timeouts(Some(pc.peer_timeout), Some(pc.peer_timeout))?;
     let (r, w) = conn.split();
     let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
     match r.recv()? {
         Message::Resume(x) if x.migration_id == pc.migration_id && x.vm_id == pc.vm_id => {}
         Message::Resume(_) => return Err(refuse(&mut w, "no paused post-copy of that migration and VM here".into())),
-        other => return Err(refuse(&mut w, unexpected(0, "Resume", &other).to_string())),
+        Message::Settle(x) => {
+            answer_settle((r, w), &x, (&pc.migration_id, &pc.vm_id), Holding::Running)?;
+            return Ok(false);
+        }
+        other => return Err(refuse(&mut w, unexpected(0, "Resume or Settle", &other).to_string())),
     }
     let nonce = random_hex();
     w.send(&Message::Accept(Accept { protocol_version: PROTOCOL_VERSION, capabilities: vec![], nonce: nonce.clone() }))
@@ -1874,7 +1933,8 @@ fn resume_incoming(
     w.send(&Message::PushDone { pages: n }).map_err(WireError::Io)?;
     w.flush().map_err(WireError::Io)?;
     let (fr, fw) = accept_join(listener, CONNECT_TIMEOUT, pc.peer_timeout, &pc.migration_id, &pc.vm_id, 1)?;
-    pc.pages.start(r, w, fr, fw, pc.peer_timeout).map_err(|e| MigrationError::Engine(crate::Error::Mismatch(e)))
+    pc.pages.start(r, w, fr, fw, pc.peer_timeout).map_err(|e| MigrationError::Engine(crate::Error::Mismatch(e)))?;
+    Ok(true)
 }
 
 /// How a destination's wait for a settle ended.
@@ -1927,11 +1987,21 @@ fn settle_incoming(
     let (r, w) = conn.split();
     let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
     match r.recv()? {
-        Message::Settle(x) if settle_matches(&x, ids) => {}
-        Message::Settle(_) => {
-            return Err(refuse(&mut w, "no commit of that migration and VM waits to be settled here".into()))
-        }
-        other => return Err(refuse(&mut w, unexpected(0, "Settle", &other).to_string())),
+        Message::Settle(x) => answer_settle((r, w), &x, ids, holding),
+        other => Err(refuse(&mut w, unexpected(0, "Settle", &other).to_string())),
+    }
+}
+
+/// The rest of a settle connection whose first frame was `x`: refuses a
+/// settle of another migration or VM, else accepts it and answers.
+fn answer_settle(
+    (mut r, mut w): Stream,
+    x: &Settle,
+    ids: (&str, &str),
+    holding: Holding<'_>,
+) -> Result<SettleStep, MigrationError> {
+    if !settle_matches(x, ids) {
+        return Err(refuse(&mut w, "no commit of that migration and VM waits to be settled here".into()));
     }
     let nonce = random_hex();
     w.send(&Message::Accept(Accept {

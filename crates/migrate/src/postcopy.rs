@@ -24,7 +24,9 @@
 //! **Lost link.** The destination keeps every page it has and reports
 //! `postcopy-paused`; vCPUs that touch a missing page wait. A new
 //! connection with `Resume` lists the pages still missing and the source
-//! pushes them (see [`crate::migration`]).
+//! pushes them (see [`crate::migration`]). A commit settled over a new
+//! connection (its `Go` or `Running` was lost) starts its page streams the
+//! same way.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -417,6 +419,14 @@ impl PostcopyIncoming {
     /// issue's "the destination pauses the guest") and a resume runs it on.
     pub(crate) fn attach_vm(&self, vm: &Arc<ferry_vmm::Vm>) {
         *self.sh.vm.lock().unwrap() = Some(Arc::downgrade(vm));
+    }
+
+    /// Marks the post-copy as waiting for its page streams (a settle
+    /// brought `Go` over a new connection after the old streams were lost):
+    /// vCPUs that touch a missing page wait until a resume starts the
+    /// receivers, which asks for their pages again.
+    pub(crate) fn await_resume(&self, why: String) {
+        self.sh.set_phase(PostcopyPhase::Paused, Some(why));
     }
 
     /// Starts the receivers once the guest runs: pushed pages on `main`,
