@@ -389,9 +389,11 @@ pub(crate) fn seq_continues(before: Option<u64>, after: Option<u64>) -> bool {
     matches!((before, after), (Some(b), Some(a)) if a > b && a <= b + 2)
 }
 
-/// The seq of the first (or `last`) PROGRESS line in `text` (a serial log).
+/// The seq of the first (or `last`) complete PROGRESS line in `text` (a
+/// serial log; a line still being written is ignored, its number may be cut).
 pub(crate) fn serial_seq(text: &str, last: bool) -> Option<u64> {
-    let mut it = text.lines().filter(|l| l.starts_with("PROGRESS"));
+    let done = text.rfind('\n').map_or("", |i| &text[..i]);
+    let mut it = done.lines().filter(|l| l.starts_with("PROGRESS"));
     let hit = if last { it.next_back() } else { it.next() };
     hit.and_then(|l| crate::util::kv(l, "seq"))
 }
@@ -496,7 +498,15 @@ impl QemuVm {
         wait_serial(&mut kid, &serial, "PROGRESS", 1, Duration::from_secs(30))?;
         // The source has exited, so its serial file is complete.
         let seq_before = serial_seq(&std::fs::read_to_string(&self.serial).unwrap_or_default(), true);
-        let seq_after = serial_seq(&std::fs::read_to_string(&serial).unwrap_or_default(), false);
+        // The destination's first PROGRESS line may still be arriving.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let seq_after = loop {
+            let s = serial_seq(&std::fs::read_to_string(&serial).unwrap_or_default(), false);
+            if s.is_some() || Instant::now() >= deadline {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         let vm = QemuVm { kid, qmp, serial, mem: self.mem, cmdline: self.cmdline.clone() };
         Ok(Migrated { vm, figures: m, dst_sched: sched, seq_before, seq_after })
     }
@@ -523,6 +533,8 @@ mod tests {
         assert_eq!(serial_seq(log, false), Some(4));
         assert_eq!(serial_seq(log, true), Some(7));
         assert_eq!(serial_seq("no lines", true), None);
+        assert_eq!(serial_seq("PROGRESS seq=1", false), None, "a line still being written");
+        assert_eq!(serial_seq("PROGRESS seq=3\nPROGRESS seq=4", true), Some(3));
         assert!(seq_continues(Some(7), Some(8)));
         assert!(seq_continues(Some(7), Some(9)));
         assert!(!seq_continues(Some(7), Some(7)));

@@ -484,7 +484,7 @@ pub(crate) fn print_migrate_bench(b: &MigrateBench) {
         for q in &b.qemu {
             let g = &q.guest;
             let left = format!(
-                "  {:>4} MiB {:>6} {:>6} {:>10} {:>8.1} ms {:>7.0} ms {:>10.1} {:>6.0} {:>10} {:>7.0}/{:<7.0}",
+                "  {:>4} MiB {:>6} {:>6} {:>10} {:>8.1} ms {:>7.0} ms {:>10.1} {:>6.0} {:>10} {:>7}/{:<7}",
                 g.mem_mib,
                 g.load,
                 g.fill.as_deref().unwrap_or("-"),
@@ -498,8 +498,8 @@ pub(crate) fn print_migrate_bench(b: &MigrateBench) {
                 q.dirty_syncs_median,
                 times(q.total_over_link_time),
                 // multifd's receive threads exit with the migration, taking their CPU time along.
-                if q.multifd_channels == 0 { median(&q.dst_cpu_ms) } else { f64::NAN },
-                if q.multifd_channels == 0 { median(&q.dst_runq_ms) } else { f64::NAN },
+                if q.multifd_channels == 0 { format!("{:.0}", median(&q.dst_cpu_ms)) } else { "-".into() },
+                if q.multifd_channels == 0 { format!("{:.0}", median(&q.dst_runq_ms)) } else { "-".into() },
             );
             println!("{left} | {:>8} {:>9} {:>9} {:>9}", "QEMU", "1", "1", "1");
             print_ratios(b, g, "ferry/QEMU", left.len(), q.downtime_ms_median, q.total_ms_median, q.transferred_median);
