@@ -99,9 +99,15 @@ pub(crate) struct Kid {
 impl Kid {
     /// Starts `cmd` with stdout and stderr collected; `name` is for messages.
     pub(crate) fn spawn(name: &str, cmd: &mut Command) -> Result<Kid> {
+        Kid::spawn_with_stdin(name, cmd, Stdio::null())
+    }
+
+    /// [`Kid::spawn`] with `stdin` for the child (a terminal, for a peer that
+    /// takes its serial port's input only from one).
+    pub(crate) fn spawn_with_stdin(name: &str, cmd: &mut Command, stdin: Stdio) -> Result<Kid> {
         let spawned = Instant::now();
         let mut child = cmd
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

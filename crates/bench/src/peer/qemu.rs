@@ -35,6 +35,8 @@ pub(crate) struct QemuMig {
     pub(crate) file_bytes: u64,
     /// Wall time from `migrate` to seeing the final status.
     pub(crate) wall_ms: f64,
+    /// Bytes that went over the multifd channels (`ram.multifd-bytes`; 0 without multifd).
+    pub(crate) multifd_bytes: u64,
 }
 
 /// One QEMU restore from the live migration file.
@@ -189,6 +191,7 @@ fn figures(v: &serde_json::Value, status: String, file_bytes: u64, wall_ms: f64)
         dirty_sync_count: u("dirty-sync-count"),
         file_bytes,
         wall_ms,
+        multifd_bytes: u("multifd-bytes"),
     }
 }
 
@@ -373,6 +376,37 @@ pub(crate) struct Migrated {
     pub(crate) figures: QemuMig,
     /// (CPU ns, run-queue wait ns) of the destination's non-vCPU threads during it.
     pub(crate) dst_sched: Option<(u64, u64)>,
+    /// The last PROGRESS seq the source printed and the first the destination
+    /// printed: the second must follow the first.
+    pub(crate) seq_before: Option<u64>,
+    pub(crate) seq_after: Option<u64>,
+}
+
+/// Whether the guest's PROGRESS sequence went on across one switch: the
+/// destination's first seq follows the source's last (+1, or +2 when the
+/// line printed around the pause was lost).
+pub(crate) fn seq_continues(before: Option<u64>, after: Option<u64>) -> bool {
+    matches!((before, after), (Some(b), Some(a)) if a > b && a <= b + 2)
+}
+
+/// The seq of the first (or `last`) complete PROGRESS line in `text` (a
+/// serial log; a line still being written is ignored, its number may be cut).
+pub(crate) fn serial_seq(text: &str, last: bool) -> Option<u64> {
+    let done = text.rfind('\n').map_or("", |i| &text[..i]);
+    let mut it = done.lines().filter(|l| l.starts_with("PROGRESS"));
+    let hit = if last { it.next_back() } else { it.next() };
+    hit.and_then(|l| crate::util::kv(l, "seq"))
+}
+
+/// Turns multifd on with `channels` page channels (`migrate-set-capabilities`
+/// and `migrate-set-parameters`); both ends need it before the migration starts.
+fn set_multifd(q: &mut Qmp, channels: u32) -> Result<()> {
+    q.cmd(
+        "migrate-set-capabilities",
+        serde_json::json!({ "capabilities": [{ "capability": "multifd", "state": true }] }),
+    )?;
+    q.cmd("migrate-set-parameters", serde_json::json!({ "multifd-channels": channels }))?;
+    Ok(())
 }
 
 /// A QEMU process running the test guest, with its QMP connection and its
@@ -413,9 +447,11 @@ impl QemuVm {
 
     /// Migrates the guest live to a new QEMU (`-incoming defer`,
     /// `migrate-incoming tcp:127.0.0.1:PORT`) with `downtime_limit_ms` and no
-    /// bandwidth cap (QEMU 7.2 defaults to 128 MiB/s), quits this one and
+    /// bandwidth cap (QEMU 7.2 defaults to 128 MiB/s), over `multifd_channels`
+    /// multifd channels (0: QEMU's default single stream), quits this one and
     /// returns the destination once the guest printed PROGRESS there, with
     /// the destination's non-vCPU CPU and run-queue time (ns) during it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn migrate_live(
         mut self,
         qemu: &str,
@@ -423,6 +459,7 @@ impl QemuVm {
         dir: &Path,
         hop: usize,
         downtime_limit_ms: u64,
+        multifd_channels: u32,
         timeout: Duration,
     ) -> Result<Migrated> {
         let (serial, qmp_sock) = (dir.join(format!("qemu-{hop}.serial")), dir.join(format!("qemu-{hop}.qmp")));
@@ -434,6 +471,10 @@ impl QemuVm {
         // A free port: bound and released here, then taken by QEMU.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let uri = format!("tcp:127.0.0.1:{port}");
+        if multifd_channels > 0 {
+            set_multifd(&mut qmp, multifd_channels)?;
+            set_multifd(&mut self.qmp, multifd_channels)?;
+        }
         qmp.cmd("migrate-incoming", serde_json::json!({ "uri": uri }))?;
         self.qmp.cmd(
             "migrate-set-parameters",
@@ -455,8 +496,19 @@ impl QemuVm {
         let _ = self.qmp.cmd("quit", serde_json::Value::Null);
         self.kid.finish(Duration::from_secs(30))?;
         wait_serial(&mut kid, &serial, "PROGRESS", 1, Duration::from_secs(30))?;
+        // The source has exited, so its serial file is complete.
+        let seq_before = serial_seq(&std::fs::read_to_string(&self.serial).unwrap_or_default(), true);
+        // The destination's first PROGRESS line may still be arriving.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let seq_after = loop {
+            let s = serial_seq(&std::fs::read_to_string(&serial).unwrap_or_default(), false);
+            if s.is_some() || Instant::now() >= deadline {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         let vm = QemuVm { kid, qmp, serial, mem: self.mem, cmdline: self.cmdline.clone() };
-        Ok(Migrated { vm, figures: m, dst_sched: sched })
+        Ok(Migrated { vm, figures: m, dst_sched: sched, seq_before, seq_after })
     }
 
     /// Ctrl-Alt-Del through QMP; true when the guest exited 0 (QEMU exit 1)
@@ -468,5 +520,25 @@ impl QemuVm {
         let st = self.kid.finish(timeout)?;
         let out = std::fs::read_to_string(&self.serial).unwrap_or_default();
         Ok(st.code() == Some(1) && (!verifies || out.contains("VERIFY OK")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_across_a_switch() {
+        let log = "INFO x\nPROGRESS seq=4 passes=0\nMARKED\nPROGRESS seq=7 passes=1\n";
+        assert_eq!(serial_seq(log, false), Some(4));
+        assert_eq!(serial_seq(log, true), Some(7));
+        assert_eq!(serial_seq("no lines", true), None);
+        assert_eq!(serial_seq("PROGRESS seq=1", false), None, "a line still being written");
+        assert_eq!(serial_seq("PROGRESS seq=3\nPROGRESS seq=4", true), Some(3));
+        assert!(seq_continues(Some(7), Some(8)));
+        assert!(seq_continues(Some(7), Some(9)));
+        assert!(!seq_continues(Some(7), Some(7)));
+        assert!(!seq_continues(Some(7), Some(10)));
+        assert!(!seq_continues(None, Some(1)));
     }
 }

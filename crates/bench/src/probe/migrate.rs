@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::child::{ferry_exe, ferry_json, ferry_ok, Kid};
+use crate::peer::cloud_hypervisor::{ChBins, ChMig, ChVm};
 use crate::peer::qemu::{self, QemuMig};
 use crate::probe::host::link::{bulk_copy, Link, LinkSample};
 use crate::probe::host::sched::{cpu_pressure_avg10, vmm_threads_ns};
@@ -81,9 +82,25 @@ pub struct MigrateBenchArgs {
     /// QEMU's downtime-limit, ms (300 is QEMU's default).
     #[arg(long, default_value_t = 300)]
     pub(crate) qemu_downtime_limit_ms: u64,
+    /// QEMU multifd configurations to run beside QEMU's default single
+    /// stream, as channel counts (`multifd-channels`, set on both ends);
+    /// 0 alone: none.
+    #[arg(long, default_value = "2", value_delimiter = ',')]
+    pub(crate) qemu_multifd_channels: Vec<u32>,
     /// Skip the QEMU comparison.
     #[arg(long)]
     pub(crate) no_qemu: bool,
+    /// Cloud Hypervisor binary for the comparison (built outside this
+    /// repository; `ch-remote` must be beside it). Default: `cloud-hypervisor`
+    /// on PATH; skipped with a note when there is none.
+    #[arg(long)]
+    pub(crate) cloud_hypervisor: Option<PathBuf>,
+    /// Cloud Hypervisor's `downtime_ms` (300 is its default, as QEMU's).
+    #[arg(long, default_value_t = 300)]
+    pub(crate) cloud_hypervisor_downtime_ms: u64,
+    /// Skip the Cloud Hypervisor comparison.
+    #[arg(long)]
+    pub(crate) no_cloud_hypervisor: bool,
     /// Upper bound for any single wait (boot, one migration), in seconds.
     #[arg(long, default_value_t = 300)]
     pub(crate) timeout_s: u64,
@@ -314,6 +331,8 @@ pub(crate) struct MigRow {
 pub(crate) struct QemuRow {
     /// The guest.
     pub(crate) guest: Guest,
+    /// multifd channels (0: QEMU's default, one migration stream).
+    pub(crate) multifd_channels: u32,
     /// Every migration (QEMU's own figures).
     pub(crate) runs: Vec<QemuMig>,
     /// Per migration: CPU time of the destination QEMU's non-vCPU threads,
@@ -326,6 +345,42 @@ pub(crate) struct QemuRow {
     pub(crate) dirty_syncs_median: f64,
     /// Median total time over (median bytes at the TCP link probe's speed).
     pub(crate) total_over_link_time: f64,
+    /// Per migration: the guest's PROGRESS seq went on at the destination.
+    pub(crate) seq_continued: Vec<bool>,
+    /// The guest verified every page after the last migration.
+    pub(crate) verified: bool,
+    pub(crate) error: Option<String>,
+}
+
+impl QemuRow {
+    /// `QEMU` or `QEMU multifd x2`, for logs and tables.
+    pub(crate) fn label(&self) -> String {
+        match self.multifd_channels {
+            0 => "QEMU".to_string(),
+            n => format!("QEMU multifd x{n}"),
+        }
+    }
+}
+
+/// Cloud Hypervisor on one guest.
+#[derive(Serialize, Clone, Debug)]
+pub(crate) struct ChRow {
+    /// The guest.
+    pub(crate) guest: Guest,
+    /// Every migration.
+    pub(crate) runs: Vec<ChMig>,
+    /// Per migration: CPU time of the destination's non-vCPU threads and their run-queue wait.
+    pub(crate) dst_cpu_ms: Vec<f64>,
+    pub(crate) dst_runq_ms: Vec<f64>,
+    pub(crate) downtime_ms_median: f64,
+    pub(crate) total_ms_median: f64,
+    /// Median memory sent, bytes (Cloud Hypervisor logs MiB, rounded up).
+    pub(crate) sent_bytes_median: f64,
+    pub(crate) iterations_median: f64,
+    /// Median total time over (median bytes at the TCP link probe's speed).
+    pub(crate) total_over_link_time: f64,
+    /// Per migration: the guest's PROGRESS seq went on at the destination.
+    pub(crate) seq_continued: Vec<bool>,
     /// The guest verified every page after the last migration.
     pub(crate) verified: bool,
     pub(crate) error: Option<String>,
@@ -343,8 +398,15 @@ pub(crate) struct MigrateBench {
     pub(crate) rows: Vec<MigRow>,
     pub(crate) qemu_version: Option<String>,
     pub(crate) qemu_downtime_limit_ms: u64,
+    /// QEMU rows per guest: default first, then each multifd channel count.
     pub(crate) qemu: Vec<QemuRow>,
     pub(crate) qemu_error: Option<String>,
+    /// `cloud-hypervisor --version`, when it ran.
+    pub(crate) ch_version: Option<String>,
+    pub(crate) ch_downtime_ms: u64,
+    pub(crate) ch: Vec<ChRow>,
+    /// Why Cloud Hypervisor did not run (absent binary, --no-cloud-hypervisor).
+    pub(crate) ch_error: Option<String>,
     pub(crate) guest_verified_all: bool,
     /// `/proc/pressure/cpu` some avg10 at the start and the end (% of time
     /// some task waited for a CPU): how busy the machine was.
@@ -420,6 +482,16 @@ pub(crate) fn migrate_bench(mut a: MigrateBenchArgs) -> Result<u8> {
         bail!("--runs, --mems, --loads, --fills and --configs must not be empty");
     }
     let configs = a.configs.iter().map(|c| Config::parse(c)).collect::<Result<Vec<_>>>()?;
+    // QEMU's default single stream, then each multifd channel count.
+    let mut qemu_setups = vec![0u32];
+    for &n in &a.qemu_multifd_channels {
+        if n > 64 {
+            bail!("--qemu-multifd-channels {n}: QEMU takes 1 to 255 channels, use at most 64 here");
+        }
+        if n > 0 && !qemu_setups.contains(&n) {
+            qemu_setups.push(n);
+        }
+    }
     let guests = guests(&a, &a.mems)?;
     let timeout = Duration::from_secs(a.timeout_s.max(1));
     let parent = a.dir.clone().unwrap_or_else(std::env::temp_dir);
@@ -431,11 +503,20 @@ pub(crate) fn migrate_bench(mut a: MigrateBenchArgs) -> Result<u8> {
     let n_mig: usize =
         guests.iter().map(|g| if a.compares(g) { configs.len() } else { 1 }).sum::<usize>() * a.runs as usize;
     say(format!(
-        "working in {}; {} guests, {} ferry migrations{}",
+        "working in {}; {} guests, {} ferry migrations{}{}",
         dir.display(),
         guests.len(),
         n_mig,
-        if a.no_qemu { String::new() } else { format!(", {} QEMU migrations", guests.len() * a.runs as usize) }
+        if a.no_qemu {
+            String::new()
+        } else {
+            format!(", {} QEMU migrations", guests.len() * a.runs as usize * qemu_setups.len())
+        },
+        if a.no_cloud_hypervisor {
+            String::new()
+        } else {
+            format!(", {} Cloud Hypervisor migrations (if it is there)", guests.len() * a.runs as usize)
+        }
     ));
     let pki = dir.join("pki");
     let pki_s = pki.to_str().context("temporary directory is not UTF-8")?.to_string();
@@ -454,6 +535,10 @@ pub(crate) fn migrate_bench(mut a: MigrateBenchArgs) -> Result<u8> {
         qemu_downtime_limit_ms: a.qemu_downtime_limit_ms,
         qemu: vec![],
         qemu_error: None,
+        ch_version: None,
+        ch_downtime_ms: a.cloud_hypervisor_downtime_ms,
+        ch: vec![],
+        ch_error: None,
         guest_verified_all: true,
         cpu_pressure_start: cpu_pressure_avg10(),
         cpu_pressure_end: None,
@@ -471,7 +556,23 @@ pub(crate) fn migrate_bench(mut a: MigrateBenchArgs) -> Result<u8> {
             }
         }
     }
-    // ferry and QEMU guest by guest, so a change in the machine's load
+    let ch_bins = if a.no_cloud_hypervisor {
+        b.ch_error = Some("not run (--no-cloud-hypervisor)".into());
+        None
+    } else {
+        match find_ch(a.cloud_hypervisor.as_deref()).and_then(|bins| Ok((bins.version()?, bins))) {
+            Ok((v, bins)) => {
+                b.ch_version = Some(v);
+                Some(bins)
+            }
+            Err(e) => {
+                say(format!("Cloud Hypervisor comparison skipped: {e:#}"));
+                b.ch_error = Some(format!("skipped: {e:#}"));
+                None
+            }
+        }
+    };
+    // ferry and the peers guest by guest, so a change in the machine's load
     // between the start and the end of the run hits both alike.
     for g in &guests {
         let all = a.compares(g);
@@ -479,9 +580,16 @@ pub(crate) fn migrate_bench(mut a: MigrateBenchArgs) -> Result<u8> {
         b.guest_verified_all &= row.verified;
         b.rows.push(row);
         if b.qemu_version.is_some() {
-            let row = qemu_row(&a, &dir, &elf, g, timeout);
+            for &n in &qemu_setups {
+                let row = qemu_row(&a, &dir, &elf, g, n, timeout);
+                b.guest_verified_all &= row.verified;
+                b.qemu.push(row);
+            }
+        }
+        if let Some(bins) = &ch_bins {
+            let row = ch_row(&a, bins, &dir, &elf, g, timeout);
             b.guest_verified_all &= row.verified;
-            b.qemu.push(row);
+            b.ch.push(row);
         }
     }
     probe_links(&mut b, &dir, &pki, a.link_bytes)?;
@@ -495,6 +603,9 @@ pub(crate) fn migrate_bench(mut a: MigrateBenchArgs) -> Result<u8> {
     }
     for q in &mut b.qemu {
         q.total_over_link_time = over_link(q.total_ms_median, q.transferred_median, tcp);
+    }
+    for c in &mut b.ch {
+        c.total_over_link_time = over_link(c.total_ms_median, c.sent_bytes_median, tcp);
     }
     b.machine.loadavg_end = loadavg();
     b.cpu_pressure_end = cpu_pressure_avg10();
@@ -857,10 +968,11 @@ fn shutdown_verified(mut vm: FerryVm, verifies: bool, timeout: Duration) -> Resu
 }
 
 /// QEMU on one guest: boot, then `runs` migrations, each to a fresh
-/// `-incoming defer` QEMU over loopback TCP.
-fn qemu_row(a: &MigrateBenchArgs, dir: &Path, elf: &Path, g: &Guest, timeout: Duration) -> QemuRow {
+/// `-incoming defer` QEMU over loopback TCP, with `multifd` channels (0: off).
+fn qemu_row(a: &MigrateBenchArgs, dir: &Path, elf: &Path, g: &Guest, multifd: u32, timeout: Duration) -> QemuRow {
     let mut row = QemuRow {
         guest: g.clone(),
+        multifd_channels: multifd,
         runs: vec![],
         dst_cpu_ms: vec![],
         dst_runq_ms: vec![],
@@ -869,18 +981,21 @@ fn qemu_row(a: &MigrateBenchArgs, dir: &Path, elf: &Path, g: &Guest, timeout: Du
         transferred_median: f64::NAN,
         dirty_syncs_median: f64::NAN,
         total_over_link_time: f64::NAN,
+        seq_continued: vec![],
         verified: false,
         error: None,
     };
+    let name = row.label();
     let res = (|| -> Result<bool> {
-        say(format!("QEMU: booting {} ({:?})", g.label(), g.cmdline));
+        say(format!("{name}: booting {} ({:?})", g.label(), g.cmdline));
         let mut vm = qemu::QemuVm::boot(&a.qemu, elf, dir, next_hop(), g.mem_mib << 20, &g.cmdline, timeout)?;
         for run in 0..a.runs {
-            let qemu::Migrated { vm: next, figures: m, dst_sched: sched } =
-                vm.migrate_live(&a.qemu, elf, dir, next_hop(), a.qemu_downtime_limit_ms, timeout)?;
+            let qemu::Migrated { vm: next, figures: m, dst_sched: sched, seq_before, seq_after } =
+                vm.migrate_live(&a.qemu, elf, dir, next_hop(), a.qemu_downtime_limit_ms, multifd, timeout)?;
             let (cpu, rq) = sched.map(|(c, r)| (c as f64 / 1e6, r as f64 / 1e6)).unwrap_or((f64::NAN, f64::NAN));
+            let cont = qemu::seq_continues(seq_before, seq_after);
             say(format!(
-                "  QEMU {} {}/{}: downtime {:.0} ms, total {:.0} ms, {:.1} MiB, {} dirty syncs ({}), dst cpu {cpu:.0} ms, runq {rq:.0} ms",
+                "  {name} {} {}/{}: downtime {:.0} ms, total {:.0} ms, {:.1} MiB, {} dirty syncs ({}), dst cpu {cpu:.0} ms, runq {rq:.0} ms, seq {seq_before:?} -> {seq_after:?}",
                 g.label(),
                 run + 1,
                 a.runs,
@@ -891,18 +1006,19 @@ fn qemu_row(a: &MigrateBenchArgs, dir: &Path, elf: &Path, g: &Guest, timeout: Du
                 m.status
             ));
             row.runs.push(m);
+            row.seq_continued.push(cont);
             row.dst_cpu_ms.push(cpu);
             row.dst_runq_ms.push(rq);
             vm = next;
         }
         let ok = vm.shutdown(g.verifies(), timeout)?;
-        say(format!("  QEMU {}: shut down, guest verified its memory: {ok}", g.label()));
+        say(format!("  {name} {}: shut down, guest verified its memory: {ok}", g.label()));
         Ok(ok)
     })();
     match res {
         Ok(v) => row.verified = v,
         Err(e) => {
-            say(format!("  QEMU {}: failed: {e:#}", g.label()));
+            say(format!("  {name} {}: failed: {e:#}", g.label()));
             row.error = Some(format!("{e:#}"));
         }
     }
@@ -911,5 +1027,86 @@ fn qemu_row(a: &MigrateBenchArgs, dir: &Path, elf: &Path, g: &Guest, timeout: Du
     row.total_ms_median = f(&|m| m.total_ms);
     row.transferred_median = f(&|m| m.transferred as f64);
     row.dirty_syncs_median = f(&|m| m.dirty_sync_count as f64);
+    row
+}
+
+/// The Cloud Hypervisor binaries: `path`, or `cloud-hypervisor` on PATH.
+fn find_ch(path: Option<&Path>) -> Result<ChBins> {
+    if let Some(p) = path {
+        return ChBins::find(p);
+    }
+    let on_path = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join("cloud-hypervisor"))
+        .find(|p| p.is_file());
+    match on_path {
+        Some(p) => ChBins::find(&p),
+        None => {
+            bail!("no cloud-hypervisor on PATH (it is built outside this repository; pass --cloud-hypervisor PATH)")
+        }
+    }
+}
+
+/// Cloud Hypervisor on one guest: boot, then `runs` migrations, each to a
+/// fresh `cloud-hypervisor` over loopback TCP, then the guest's own check.
+fn ch_row(a: &MigrateBenchArgs, bins: &ChBins, dir: &Path, elf: &Path, g: &Guest, timeout: Duration) -> ChRow {
+    let mut row = ChRow {
+        guest: g.clone(),
+        runs: vec![],
+        dst_cpu_ms: vec![],
+        dst_runq_ms: vec![],
+        downtime_ms_median: f64::NAN,
+        total_ms_median: f64::NAN,
+        sent_bytes_median: f64::NAN,
+        iterations_median: f64::NAN,
+        total_over_link_time: f64::NAN,
+        seq_continued: vec![],
+        verified: false,
+        error: None,
+    };
+    let res = (|| -> Result<bool> {
+        say(format!("Cloud Hypervisor: booting {} ({:?})", g.label(), g.cmdline));
+        let mut vm = ChVm::boot(bins, elf, dir, next_hop(), g.mem_mib << 20, &g.cmdline, timeout)?;
+        for run in 0..a.runs {
+            let m = vm.migrate_live(bins, dir, next_hop(), a.cloud_hypervisor_downtime_ms, timeout)?;
+            let (cpu, rq) = m.dst_sched.map(|(c, r)| (c as f64 / 1e6, r as f64 / 1e6)).unwrap_or((f64::NAN, f64::NAN));
+            let f = &m.figures;
+            let cont = qemu::seq_continues(m.seq_before, m.seq_after);
+            say(format!(
+                "  Cloud Hypervisor {} {}/{}: downtime {:.0} ms, total {:.0} ms (logged {:.1} s), {:.0} MiB, {} iterations, dst cpu {cpu:.0} ms, runq {rq:.0} ms, seq {:?} -> {:?}",
+                g.label(),
+                run + 1,
+                a.runs,
+                f.downtime_ms,
+                f.total_ms,
+                f.logged_total_s,
+                f.sent_mib,
+                f.iterations,
+                m.seq_before,
+                m.seq_after
+            ));
+            row.runs.push(m.figures);
+            row.seq_continued.push(cont);
+            row.dst_cpu_ms.push(cpu);
+            row.dst_runq_ms.push(rq);
+            vm = m.vm;
+        }
+        let ok = vm.shutdown(bins, g.verifies(), timeout)?;
+        say(format!("  Cloud Hypervisor {}: guest verified its memory: {ok}", g.label()));
+        Ok(ok)
+    })();
+    match res {
+        Ok(v) => row.verified = v,
+        Err(e) => {
+            say(format!("  Cloud Hypervisor {}: failed: {e:#}", g.label()));
+            row.error = Some(format!("{e:#}"));
+        }
+    }
+    let f = |g: &dyn Fn(&ChMig) -> f64| median(&row.runs.iter().map(g).collect::<Vec<f64>>());
+    row.downtime_ms_median = f(&|m| m.downtime_ms);
+    row.total_ms_median = f(&|m| m.total_ms);
+    row.sent_bytes_median = f(&|m| m.sent_mib * (1u64 << 20) as f64);
+    row.iterations_median = f(&|m| m.iterations as f64);
     row
 }

@@ -1,7 +1,7 @@
 //! The human-readable tables of every bench.
 
 use crate::probe::boot::BootBench;
-use crate::probe::migrate::MigrateBench;
+use crate::probe::migrate::{Guest, MigrateBench};
 use crate::probe::snapshot::{LiveSeries, SnapBenchArgs, SnapshotBench};
 use crate::util::{max_of, median, mib, PAGE};
 
@@ -476,66 +476,112 @@ pub(crate) fn print_migrate_bench(b: &MigrateBench) {
         (None, None) => println!("2. QEMU: not run (--no-qemu)"),
     }
     if !b.qemu.is_empty() {
-        println!(
-            "  {:>8} {:>6} {:>6} {:>11} {:>10} {:>10} {:>6} {:>10} {:>15} | {:>8} {:>9} {:>9} {:>9}",
-            "memory",
-            "load",
-            "fill",
-            "downtime",
-            "total",
-            "MiB",
-            "syncs",
-            "total/link",
-            "dst cpu/runq ms",
-            "ferry",
-            "downtime",
-            "total",
-            "bytes"
+        let head = format!(
+            "  {:>8} {:>6} {:>6} {:>10} {:>11} {:>10} {:>10} {:>6} {:>10} {:>15}",
+            "memory", "load", "fill", "setup", "downtime", "total", "MiB", "syncs", "total/link", "dst cpu/runq ms"
         );
+        println!("{head} | {:>8} {:>9} {:>9} {:>9}", "ferry", "downtime", "total", "bytes");
         for q in &b.qemu {
             let g = &q.guest;
-            println!(
-                "  {:>4} MiB {:>6} {:>6} {:>8.1} ms {:>7.0} ms {:>10.1} {:>6.0} {:>10} {:>7.0}/{:<7.0} | {:>8} {:>9} {:>9} {:>9}",
+            let left = format!(
+                "  {:>4} MiB {:>6} {:>6} {:>10} {:>8.1} ms {:>7.0} ms {:>10.1} {:>6.0} {:>10} {:>7}/{:<7}",
                 g.mem_mib,
                 g.load,
                 g.fill.as_deref().unwrap_or("-"),
+                match q.multifd_channels {
+                    0 => "default".to_string(),
+                    n => format!("multifd x{n}"),
+                },
                 q.downtime_ms_median,
                 q.total_ms_median,
                 q.transferred_median / (1 << 20) as f64,
                 q.dirty_syncs_median,
                 times(q.total_over_link_time),
-                median(&q.dst_cpu_ms),
-                median(&q.dst_runq_ms),
-                "QEMU",
-                "1",
-                "1",
-                "1"
+                // multifd's receive threads exit with the migration, taking their CPU time along.
+                if q.multifd_channels == 0 { format!("{:.0}", median(&q.dst_cpu_ms)) } else { "-".into() },
+                if q.multifd_channels == 0 { format!("{:.0}", median(&q.dst_runq_ms)) } else { "-".into() },
             );
-            let row = b
-                .rows
-                .iter()
-                .find(|r| r.guest.mem_mib == g.mem_mib && r.guest.load == g.load && r.guest.fill == g.fill);
-            // The first configuration (ferry's default codec) and every TCP one: QEMU runs over TCP.
-            let ferry = row.iter().flat_map(|r| &r.series).filter(|s| !s.runs.is_empty());
-            for (_, s) in ferry.enumerate().filter(|(i, s)| *i == 0 || s.config.transport == Link::Tcp) {
-                println!(
-                    "  {:>93} | {:>8} {:>9.3} {:>9.3} {:>9.3}",
-                    "ferry/QEMU",
-                    s.config.label(),
-                    s.downtime_ms_median / q.downtime_ms_median,
-                    s.total_ms_median / q.total_ms_median,
-                    s.bytes_median / q.transferred_median
-                );
-            }
+            println!("{left} | {:>8} {:>9} {:>9} {:>9}", "QEMU", "1", "1", "1");
+            print_ratios(b, g, "ferry/QEMU", left.len(), q.downtime_ms_median, q.total_ms_median, q.transferred_median);
             if let Some(e) = &q.error {
-                println!("    QEMU {}: failed: {e}", g.label());
+                println!("    {} {}: failed: {e}", q.label(), g.label());
             }
         }
         println!("  (QEMU's own query-migrate figures: downtime, total-time, ram.transferred, dirty-sync-count;");
-        println!("   ratios are ferry's medians over QEMU's, same guest, same size; < 1 means ferry is lower)");
-        println!("  QEMU guests verified their memory after every chain: {}", b.qemu.iter().all(|q| q.verified));
+        println!("   setup: one migration stream, or multifd with N channels set on both ends; dst cpu/runq is");
+        println!("   not shown for multifd, whose receive threads exit with the migration and take their CPU");
+        println!("   time along; ratios are ferry's medians over QEMU's, same guest, same size; < 1: ferry lower)");
+        println!(
+            "  QEMU: guest sequence continued at every destination: {}; guests verified their memory after every chain: {}",
+            b.qemu.iter().all(|q| q.seq_continued.iter().all(|&c| c)),
+            b.qemu.iter().all(|q| q.verified)
+        );
+    }
+    println!();
+    match (&b.ch_version, &b.ch_error) {
+        (Some(v), _) => println!(
+            "3. Cloud Hypervisor on the same guests ({v}; tcp loopback, downtime_ms {}, one connection)",
+            b.ch_downtime_ms
+        ),
+        (None, Some(e)) => println!("3. Cloud Hypervisor: {e}"),
+        (None, None) => println!("3. Cloud Hypervisor: not run"),
+    }
+    if !b.ch.is_empty() {
+        let head = format!(
+            "  {:>8} {:>6} {:>6} {:>11} {:>10} {:>10} {:>6} {:>10} {:>15}",
+            "memory", "load", "fill", "downtime", "total", "MiB", "iters", "total/link", "dst cpu/runq ms"
+        );
+        println!("{head} | {:>8} {:>9} {:>9} {:>9}", "ferry", "downtime", "total", "bytes");
+        for c in &b.ch {
+            let g = &c.guest;
+            let left = format!(
+                "  {:>4} MiB {:>6} {:>6} {:>8.1} ms {:>7.0} ms {:>10.0} {:>6.0} {:>10} {:>7.0}/{:<7.0}",
+                g.mem_mib,
+                g.load,
+                g.fill.as_deref().unwrap_or("-"),
+                c.downtime_ms_median,
+                c.total_ms_median,
+                c.sent_bytes_median / (1 << 20) as f64,
+                c.iterations_median,
+                times(c.total_over_link_time),
+                median(&c.dst_cpu_ms),
+                median(&c.dst_runq_ms),
+            );
+            println!("{left} | {:>8} {:>9} {:>9} {:>9}", "CH", "1", "1", "1");
+            print_ratios(b, g, "ferry/CH", left.len(), c.downtime_ms_median, c.total_ms_median, c.sent_bytes_median);
+            if let Some(e) = &c.error {
+                println!("    Cloud Hypervisor {}: failed: {e}", g.label());
+            }
+        }
+        println!("  (downtime: the source's log with -v, \"downtime of N ms\" (its pause to the destination's");
+        println!("   resume); total: from ch-remote send-migration to the destination's receive-migration");
+        println!("   returning; MiB: the source's \"Precopy complete: total=\" (rounded up to MiB); iters: memory");
+        println!("   iterations, the paused one included; ratios are ferry's medians over CH's; < 1: ferry lower)");
+        println!(
+            "  Cloud Hypervisor: guest sequence continued at every destination: {}; guests verified their memory after every chain: {}",
+            b.ch.iter().all(|c| c.seq_continued.iter().all(|&x| x)),
+            b.ch.iter().all(|c| c.verified)
+        );
     }
     println!("  {}", crate::peer::firecracker::MIGRATE_NOTE);
+}
+
+/// ferry's medians over a peer's on guest `g` (`ratio` names the peer), one
+/// line per ferry configuration shown beside a peer: the first (ferry's
+/// default codec) and every TCP one, since the peers migrate over TCP.
+fn print_ratios(b: &MigrateBench, g: &Guest, ratio: &str, width: usize, downtime: f64, total: f64, bytes: f64) {
+    use crate::probe::host::link::Link;
+    let row = b.rows.iter().find(|r| r.guest.mem_mib == g.mem_mib && r.guest.load == g.load && r.guest.fill == g.fill);
+    let ferry = row.iter().flat_map(|r| &r.series).filter(|s| !s.runs.is_empty());
+    for (_, s) in ferry.enumerate().filter(|(i, s)| *i == 0 || s.config.transport == Link::Tcp) {
+        println!(
+            "{ratio:>width$} | {:>8} {:>9.3} {:>9.3} {:>9.3}",
+            s.config.label(),
+            s.downtime_ms_median / downtime,
+            s.total_ms_median / total,
+            s.bytes_median / bytes
+        );
+    }
 }
 
 /// `x3.2`, or `-` when there is no figure.
