@@ -353,6 +353,20 @@ fn migrate_through(ssock: &Path, relay: &Relay) -> std::process::Output {
 }
 
 /// `ferry migrate --resume` or `--take-back [--force]` on the source.
+/// `--take-back` of a commit in doubt whose destination never got `Go`:
+/// the migration is cancelled, the destination drops its copy without
+/// running it, and the guest runs on at the source with its memory intact.
+fn taken_back(src: &mut Guest, ssock: &Path, dst: &mut Guest, case: &str) {
+    let o = settle(ssock, &["--take-back"]);
+    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["state"], "cancelled", "{case}: {v}");
+    assert_eq!(http_get(ssock, "/vm/migration")["state"], "cancelled", "{case}");
+    dst.wait_stderr("takes the guest back", secs(30));
+    destination_ran_nothing(dst, case);
+    source_still_fine(src, ssock, case);
+}
+
 fn settle(ssock: &Path, how: &[&str]) -> std::process::Output {
     let mut args = vec!["migrate", "--api-sock", s(ssock), "--json"];
     args.extend_from_slice(how);
@@ -515,14 +529,7 @@ fn go_lost_and_taken_back_runs_the_guest_at_the_source_again() {
     let o = migrate_through(&ssock, &relay);
     source_in_doubt(&ssock, &o, case);
     destination_holding(&mut dst, &dsock, case);
-    let o = settle(&ssock, &["--take-back"]);
-    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["state"], "cancelled", "{case}: {v}");
-    assert_eq!(http_get(&ssock, "/vm/migration")["state"], "cancelled", "{case}");
-    dst.wait_stderr("takes the guest back", secs(30));
-    destination_ran_nothing(&mut dst, case);
-    source_still_fine(&mut src, &ssock, case);
+    taken_back(&mut src, &ssock, &mut dst, case);
 }
 
 #[test]
@@ -664,14 +671,7 @@ fn postcopy_go_lost_and_taken_back_runs_the_guest_at_the_source_again() {
     deferred_pages_kept(&ssock, "postcopy", case);
     destination_holding(&mut dst, &dsock, case);
     // The source still has every page: it takes the guest back whole.
-    let o = settle(&ssock, &["--take-back"]);
-    assert!(o.status.success(), "{case}: {}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["state"], "cancelled", "{case}: {v}");
-    assert_eq!(http_get(&ssock, "/vm/migration")["state"], "cancelled", "{case}");
-    dst.wait_stderr("takes the guest back", secs(30));
-    destination_ran_nothing(&mut dst, case);
-    source_still_fine(&mut src, &ssock, case);
+    taken_back(&mut src, &ssock, &mut dst, case);
 }
 
 #[test]
